@@ -1,0 +1,48 @@
+"""The `reddiff-jax` command line: parses arguments, then calls the library.
+
+Each subcommand lives in the module that owns its work; that module exposes
+`register(subparsers)`, which adds its parser and sets `func(args) -> int`.
+Modules are imported only when the command line is built, one per command.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# command name -> module exposing `register(subparsers)`
+COMMANDS: dict[str, str] = {
+    "convert": "reddiff_jax.convert.command",
+    "train": "reddiff_jax.train",
+    "restore": "reddiff_jax.restore",
+    "eval": "reddiff_jax.evaluate",
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Builds the top-level parser with one subparser per available command."""
+    parser = argparse.ArgumentParser(
+        prog="reddiff-jax", description="RED-Diff image restoration with diffusion priors in JAX."
+    )
+    subparsers = parser.add_subparsers(dest="command", required=True)
+    for module_name in COMMANDS.values():
+        importlib.import_module(module_name).register(subparsers)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the console script; returns the process exit status."""
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except (ValueError, FileNotFoundError, FileExistsError) as err:
+        print(f"reddiff-jax {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"reddiff-jax {args.command}: interrupted; finished outputs are kept.", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
