@@ -20,6 +20,7 @@ import json
 import pickle
 import struct
 import zipfile
+import zlib
 from pathlib import Path
 from typing import Any
 
@@ -127,7 +128,9 @@ def _rebuild_tensor_v2(
     if not isinstance(storage, _Storage):
         raise pickle.UnpicklingError(f"tensor storage must be a storage record, got {storage!r}")
     if not isinstance(storage_offset, int) or storage_offset < 0:
-        raise pickle.UnpicklingError(f"tensor storage offset must be an int >= 0: {storage_offset!r}")
+        raise pickle.UnpicklingError(
+            f"tensor storage offset must be an int >= 0: {storage_offset!r}"
+        )
     size = _as_int_tuple(size, "size")
     stride = _as_int_tuple(stride, "stride")
     if len(size) != len(stride):
@@ -228,7 +231,8 @@ class _StateDictUnpickler(pickle.Unpickler):
 def _unwrap_state_dict(obj: Any, path: Path) -> dict[str, np.ndarray]:
     if not isinstance(obj, dict):
         raise CheckpointFormatError(
-            f"{path}: expected a state dict (a mapping of names to tensors), got {type(obj).__name__}"
+            f"{path}: expected a state dict (a mapping of names to tensors), "
+            f"got {type(obj).__name__}"
         )
     out: dict[str, np.ndarray] = {}
     bad = []
@@ -265,7 +269,9 @@ def read_torch_zip(path: str | Path) -> dict[str, np.ndarray]:
         raise FileNotFoundError(f"checkpoint file not found: {path}")
     try:
         with zipfile.ZipFile(path) as archive:
-            pickles = [n for n in archive.namelist() if n.endswith("/data.pkl") and n.count("/") == 1]
+            pickles = [
+                n for n in archive.namelist() if n.endswith("/data.pkl") and n.count("/") == 1
+            ]
             if len(pickles) != 1:
                 raise CheckpointFormatError(
                     f"{path}: expected exactly one '<name>/data.pkl' record in the zip, "
@@ -294,8 +300,23 @@ def read_torch_zip(path: str | Path) -> dict[str, np.ndarray]:
             f"{path}: not a readable zip-format torch checkpoint ({err}); the file may be "
             "truncated, or saved by torch < 1.6 (re-save it with a recent torch)"
         ) from err
-    except (pickle.UnpicklingError, EOFError, OSError, ValueError, TypeError, KeyError) as err:
-        raise CheckpointFormatError(f"{path}: corrupt torch checkpoint: {err}") from err
+    except (
+        pickle.UnpicklingError,
+        EOFError,
+        OSError,
+        ValueError,
+        TypeError,
+        KeyError,
+        IndexError,
+        AttributeError,
+        NotImplementedError,
+        RuntimeError,
+        struct.error,
+        zlib.error,
+    ) as err:  # what zipfile / the unpickler raise on damaged data
+        raise CheckpointFormatError(
+            f"{path}: corrupt torch checkpoint ({type(err).__name__}: {err})"
+        ) from err
     return _unwrap_state_dict(obj, path)
 
 

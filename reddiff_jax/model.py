@@ -1,0 +1,248 @@
+"""A score network with its weights (`ScoreModel`) and its on-disk checkpoint format.
+
+A checkpoint is a directory:
+
+  <path>/reddiff_model.json   format tag, the `UNetConfig` (`to_dict`) and free-form metadata
+                              (for converted checkpoints: source file name, its sha256, the
+                              converter version)
+  <path>/params/              the Flax `params` tree, written by orbax (`StandardCheckpointer`)
+
+`load_pretrained` restores the params against `jax.eval_shape` of `UNet(config).init`, so the
+structure and every shape are checked before any array is read.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import shutil
+import uuid
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+from flax import struct
+
+from reddiff_jax.unet import UNet, UNetConfig
+
+__all__ = ["ScoreModel", "load_pretrained", "param_shapes", "read_metadata", "save_pretrained"]
+
+FORMAT = "reddiff-jax/score-model"
+FORMAT_VERSION = 1
+_CONFIG_FILE = "reddiff_model.json"
+_PARAMS_DIR = "params"
+
+
+@functools.lru_cache(maxsize=32)
+def _unet(config: UNetConfig) -> UNet:
+    return UNet(config)
+
+
+@functools.lru_cache(maxsize=32)
+def _param_shapes(config: UNetConfig) -> Any:
+    def init() -> Any:
+        s = config.image_size
+        x = jnp.zeros((1, s, s, config.in_channels), jnp.float32)
+        t = jnp.zeros((1,), jnp.int32)
+        y = jnp.zeros((1,), jnp.int32) if config.class_cond else None
+        return _unet(config).init(jax.random.key(0), x, t, y)["params"]
+
+    return jax.eval_shape(init)
+
+
+def param_shapes(config: UNetConfig) -> dict[str, Any]:
+    """The params tree of `UNet(config)` as `jax.ShapeDtypeStruct` leaves (nothing allocated)."""
+    return jax.tree.map(lambda a: a, _param_shapes(config))  # fresh containers per call
+
+
+@struct.dataclass
+class ScoreModel:
+    """An ADM UNet with its weights; a pytree (params are leaves, config is static).
+
+    `jax.jit(ScoreModel.apply)(model, x, t)` keeps the params as arguments (rather than
+    constants baked into the compiled program, as `jax.jit(model.apply)` would).
+    """
+
+    config: UNetConfig = struct.field(pytree_node=False)
+    params: Any
+
+    def apply(self, x: jax.Array, t: jax.Array, y: jax.Array | None = None) -> jax.Array:
+        """Raw network output.
+
+        Args:
+          x: [N, H, W, in_channels] float images (NHWC).
+          t: [N] int or float timesteps (raw, 0..T-1).
+          y: [N] int labels for class-conditional models, else None.
+
+        Returns:
+          [N, H, W, out_channels] float32: eps in the first `in_channels` channels, then the
+          variance interpolation values when `config.learn_sigma`.
+        """
+        return _unet(self.config).apply({"params": self.params}, x, t, y)
+
+    def eps(self, x: jax.Array, t: jax.Array, y: jax.Array | None = None) -> jax.Array:
+        """Noise prediction [N, H, W, in_channels] float32 (the first channels of `apply`)."""
+        return self.apply(x, t, y)[..., : self.config.in_channels]
+
+
+def _check_dir_for_replacement(path: Path) -> None:
+    if path.is_dir() and any(path.iterdir()) and not (path / _CONFIG_FILE).is_file():
+        raise FileExistsError(
+            f"path: {path} exists and is not a reddiff-jax checkpoint; refusing to replace it "
+            "even with force=True (remove it yourself or choose another path)"
+        )
+    if path.exists() and not path.is_dir():
+        raise FileExistsError(f"path: {path} exists and is not a directory")
+
+
+def save_pretrained(
+    model: ScoreModel,
+    path: str | os.PathLike,
+    *,
+    metadata: dict[str, Any] | None = None,
+    force: bool = False,
+) -> Path:
+    """Writes `model` (config, metadata and params) as a checkpoint directory.
+
+    The directory is written under a temporary name beside `path` and renamed into place, so
+    an interrupted save leaves any existing checkpoint intact.
+
+    Args:
+      model: the model to save.
+      path: the checkpoint directory to create.
+      metadata: JSON-serialisable information recorded with the config.
+      force: replace an existing checkpoint at `path` (never a non-checkpoint directory).
+
+    Returns:
+      The absolute path written.
+
+    Raises:
+      FileExistsError: `path` exists and `force` is False (or it is not a checkpoint).
+    """
+    if not isinstance(model, ScoreModel):
+        raise TypeError(f"model: expected a ScoreModel, got {type(model).__name__}")
+    path = Path(path).absolute()
+    if path.exists():
+        if not force:
+            raise FileExistsError(f"path: {path} already exists; pass force=True to replace it")
+        _check_dir_for_replacement(path)
+    record = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "config": model.config.to_dict(),
+        "metadata": dict(metadata or {}),
+    }
+    text = json.dumps(record, indent=2, sort_keys=True)  # fails early if not serialisable
+    params = jax.tree.map(np.asarray, model.params)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex[:8]}"
+    try:
+        tmp.mkdir()
+        with ocp.StandardCheckpointer() as checkpointer:
+            checkpointer.save(tmp / _PARAMS_DIR, params)
+            checkpointer.wait_until_finished()
+        (tmp / _CONFIG_FILE).write_text(text + "\n")
+        if path.exists():
+            old = path.parent / f".{path.name}.old-{uuid.uuid4().hex[:8]}"
+            path.rename(old)
+            tmp.rename(path)
+            shutil.rmtree(old)
+        else:
+            tmp.rename(path)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+    return path
+
+
+def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
+    """Reads a checkpoint's record: {"format", "format_version", "config", "metadata"}.
+
+    Raises:
+      FileNotFoundError: no checkpoint directory at `path`.
+      ValueError: the directory is not a readable reddiff-jax checkpoint.
+    """
+    path = Path(path)
+    if not path.is_dir():
+        raise FileNotFoundError(f"path: no checkpoint directory at {path}")
+    config_file = path / _CONFIG_FILE
+    if not config_file.is_file():
+        raise ValueError(f"path: {path} is not a reddiff-jax checkpoint (no {_CONFIG_FILE})")
+    try:
+        record = json.loads(config_file.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ValueError(
+            f"path: corrupt checkpoint, {config_file} is not valid JSON: {err}"
+        ) from err
+    if not isinstance(record, dict) or record.get("format") != FORMAT:
+        raise ValueError(f"path: {config_file} is not a {FORMAT} record")
+    if record.get("format_version") != FORMAT_VERSION:
+        raise ValueError(
+            f"path: checkpoint format version {record.get('format_version')!r} is not supported "
+            f"(this reddiff-jax reads version {FORMAT_VERSION})"
+        )
+    return record
+
+
+def _leaf_paths(tree: Any) -> dict[str, tuple[int, ...]]:
+    flat = jax.tree_util.tree_flatten_with_path(tree)[0]
+    return {jax.tree_util.keystr(p): tuple(leaf.shape) for p, leaf in flat}
+
+
+def load_pretrained(path: str | os.PathLike) -> ScoreModel:
+    """Loads a checkpoint written by `save_pretrained` (or `reddiff-jax convert`).
+
+    Returns:
+      A `ScoreModel` whose params are float32 jax arrays on the default device.
+
+    Raises:
+      FileNotFoundError: no checkpoint directory at `path`.
+      ValueError: a corrupt checkpoint, or params whose structure or shapes differ from what
+        the recorded config implies (the message lists them).
+    """
+    path = Path(path).absolute()
+    record = read_metadata(path)
+    try:
+        config = UNetConfig.from_dict(record["config"])
+    except (KeyError, TypeError, ValueError) as err:
+        raise ValueError(
+            f"path: corrupt checkpoint, bad config in {path / _CONFIG_FILE}: {err}"
+        ) from err
+    target = param_shapes(config)
+    params_dir = path / _PARAMS_DIR
+    if not params_dir.is_dir():
+        raise ValueError(f"path: corrupt checkpoint, {params_dir} is missing")
+    try:
+        with ocp.StandardCheckpointer() as checkpointer:
+            stored = checkpointer.metadata(params_dir).item_metadata.tree
+    except Exception as err:  # orbax/tensorstore raise many types for unreadable data
+        raise ValueError(
+            f"path: corrupt checkpoint, cannot read {params_dir}: {type(err).__name__}: {err}"
+        ) from err
+    expected, found = _leaf_paths(target), _leaf_paths(stored)
+    diffs = sorted(f"{k}: missing from the checkpoint" for k in expected.keys() - found)
+    diffs += sorted(f"{k}: not a parameter of this config" for k in found.keys() - expected)
+    diffs += sorted(
+        f"{k}: stored {found[k]}, expected {expected[k]}"
+        for k in expected.keys() & found.keys()
+        if found[k] != expected[k]
+    )
+    if diffs:
+        raise ValueError(
+            f"path: params in {params_dir} do not match the recorded config:\n  "
+            + "\n  ".join(diffs[:25])
+        )
+    try:
+        with ocp.StandardCheckpointer() as checkpointer:
+            params = checkpointer.restore(params_dir, target)
+    except Exception as err:
+        raise ValueError(
+            f"path: corrupt checkpoint, cannot read params from {params_dir}: "
+            f"{type(err).__name__}: {err}"
+        ) from err
+    params = jax.tree.map(lambda a: jnp.asarray(a, dtype=jnp.float32), params)
+    return ScoreModel(config=config, params=params)
