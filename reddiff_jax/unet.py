@@ -33,7 +33,7 @@ _NUM_GROUPS = 32  # GroupNorm32
 _GN_EPS = 1e-5
 _COMPUTE_DTYPES = ("float32", "bfloat16", "float16")
 # create_model keywords that change nothing in the forward pass, accepted and ignored.
-_IGNORED_KWARGS = frozenset({"use_checkpoint", "model_path"})
+_IGNORED_KWARGS = frozenset({"model_path"})
 
 
 def _parse_ints(value: Any, name: str) -> tuple[int, ...]:
@@ -57,6 +57,8 @@ class UNetConfig:
     means `2 * in_channels` with `learn_sigma` and `in_channels` otherwise; `num_classes=None`
     means 1000 when `class_cond` (as guided-diffusion hard-codes). `use_fp16` is recorded
     but computation follows `dtype` (the compute dtype: float32 unless asked otherwise).
+    `use_checkpoint` rematerialises each ResBlock and attention block in the backward pass
+    (`nn.remat`): the same numbers, less activation memory for DPS and for training.
     """
 
     image_size: int
@@ -75,6 +77,7 @@ class UNetConfig:
     resblock_updown: bool = False
     use_fp16: bool = False
     use_new_attention_order: bool = False
+    use_checkpoint: bool = False
     in_channels: int = 3
     out_channels: int | None = None
     dtype: str = "float32"
@@ -385,14 +388,17 @@ class UNet(nn.Module):
             emb = emb + nn.Embed(cfg.num_classes, cfg.emb_dim, name="label_emb")(y)
         emb = emb.astype(dtype)
 
+        res_cls = nn.remat(ResBlock, static_argnums=(3,)) if cfg.use_checkpoint else ResBlock
+        attn_cls = nn.remat(AttentionBlock) if cfg.use_checkpoint else AttentionBlock
+
         def res(out_ch: int, name: str, **kw: bool) -> ResBlock:
-            return ResBlock(
+            return res_cls(
                 out_ch, cfg.use_scale_shift_norm, cfg.dropout, dtype=dtype, name=name, **kw
             )
 
         def attn(channels: int, num_heads: int, name: str) -> AttentionBlock:
             heads = self._heads(channels, num_heads)
-            return AttentionBlock(heads, cfg.use_new_attention_order, dtype=dtype, name=name)
+            return attn_cls(heads, cfg.use_new_attention_order, dtype=dtype, name=name)
 
         ch = int(cfg.channel_mult[0] * mc)
         h = _conv(ch, dtype, "input_blocks_0_0")(x.astype(dtype))

@@ -1,0 +1,103 @@
+"""UNetConfig parsing and validation, and UNet options that the fixtures do not cover."""
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from reddiff_jax.unet import PRESETS, UNet, UNetConfig, get_preset
+
+_SMALL = dict(
+    image_size=8,
+    num_channels=32,
+    num_res_blocks=1,
+    channel_mult="1,2",
+    attention_resolutions="4",
+    num_head_channels=32,
+    use_scale_shift_norm=True,
+    resblock_updown=True,
+)
+
+
+def _inputs(cfg: UNetConfig):
+    x = jax.random.normal(jax.random.key(0), (2, cfg.image_size, cfg.image_size, cfg.in_channels))
+    return x, jnp.array([10, 900])
+
+
+def test_create_model_kwargs_are_resolved():
+    cfg = UNetConfig.from_create_model_kwargs(
+        {"create_model_kwargs": {"image_size": 256, "num_channels": 128, "num_res_blocks": 1,
+                                 "channel_mult": "", "attention_resolutions": 16,
+                                 "learn_sigma": True, "class_cond": True, "use_checkpoint": True}}
+    )  # fmt: skip
+    assert cfg.channel_mult == (1, 1, 2, 2, 4, 4)
+    assert cfg.attention_resolutions == (16,) and cfg.attention_ds == frozenset({16})
+    assert cfg.out_channels == 6 and cfg.num_classes == 1000 and cfg.use_checkpoint
+    assert UNetConfig.from_dict(cfg.to_dict()) == cfg
+    gray = UNetConfig(image_size=32, num_channels=32, num_res_blocks=1, channel_mult=(1,),
+                      in_channels=1, learn_sigma=True)  # fmt: skip
+    assert gray.out_channels == 2
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"image_size": 48, "num_channels": 32, "num_res_blocks": 1}, "no default for image_size"),
+        ({**_SMALL, "num_channels": 48}, "multiples of 32"),
+        ({**_SMALL, "attention_resolutions": "5"}, "does not divide"),
+        ({**_SMALL, "channel_mult": "1,x"}, "comma-separated integers"),
+        ({**_SMALL, "bogus": 1}, "unknown create_model keywords"),
+        ({**_SMALL, "dtype": "int8"}, "dtype"),
+    ],
+)
+def test_bad_configs_name_the_problem(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        UNetConfig.from_create_model_kwargs(kwargs)
+
+
+def test_unknown_preset_lists_the_valid_ones():
+    with pytest.raises(ValueError, match="imagenet256_uncond"):
+        get_preset("imagenet512")
+    assert get_preset("ffhq256") is PRESETS["ffhq256"]
+
+
+def test_bad_inputs_are_rejected():
+    cfg = UNetConfig.from_create_model_kwargs(_SMALL)
+    x, t = _inputs(cfg)
+    params = jax.eval_shape(UNet(cfg).init, jax.random.key(1), x, t)
+    with pytest.raises(ValueError, match="NHWC"):
+        UNet(cfg).apply(params, jnp.moveaxis(x, -1, 1), t)
+    with pytest.raises(ValueError, match="unconditional"):
+        UNet(cfg).apply(params, x, t, jnp.array([1, 2]))
+
+
+def test_remat_gives_the_same_output_and_gradient():
+    cfg = UNetConfig.from_create_model_kwargs(_SMALL)
+    x, t = _inputs(cfg)
+    params = jax.jit(UNet(cfg).init)(jax.random.key(1), x, t)["params"]
+
+    def loss(p, c):
+        return jnp.sum(UNet(c).apply({"params": p}, x, t) ** 2)
+
+    remat_cfg = cfg.replace(use_checkpoint=True)
+    v0, g0 = jax.jit(jax.value_and_grad(loss), static_argnums=1)(params, cfg)
+    v1, g1 = jax.jit(jax.value_and_grad(loss), static_argnums=1)(params, remat_cfg)
+    np.testing.assert_allclose(v1, v0, rtol=1e-5)
+    # Some leaves (conv biases right before a GroupNorm) have an exact zero gradient, so their
+    # float32 values are pure rounding noise: compare on the scale of the whole gradient.
+    scale = max(float(jnp.abs(g).max()) for g in jax.tree.leaves(g0))
+    chex.assert_trees_all_close(g1, g0, rtol=1e-4, atol=1e-6 * scale)
+
+
+def test_bfloat16_compute_stays_close_and_returns_float32():
+    cfg = UNetConfig.from_create_model_kwargs(_SMALL)
+    x, t = _inputs(cfg)
+    params = jax.jit(UNet(cfg).init)(jax.random.key(1), x, t)
+    out32 = jax.jit(UNet(cfg).apply)(params, x, t)
+    out16 = jax.jit(UNet(cfg.replace(dtype="bfloat16")).apply)(params, x, t)
+    chex.assert_type(out16, jnp.float32)
+    chex.assert_shape(out16, (2, 8, 8, 3))
+    # bfloat16 keeps 8 mantissa bits: relative error ~ a few 1e-3 per op, well under 5e-2 overall.
+    rel = float(jnp.linalg.norm(out16 - out32) / jnp.linalg.norm(out32))
+    assert rel < 5e-2, rel
