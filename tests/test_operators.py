@@ -209,7 +209,7 @@ def test_dtype_preserved(name, channels):
 def test_jit_and_vmap_over_operator_instances(name, channels):
     ops = [_build(name, channels, i) for i in range(3)]
     stacked = O.stack(ops)
-    xs = jnp.stack([_image(ops[0].image_shape, 10 + i) for i in range(3)])
+    xs = _image((3, *ops[0].image_shape), 10)
 
     @jax.jit
     def probe(stacked, ops, xs):
@@ -218,7 +218,7 @@ def test_jit_and_vmap_over_operator_instances(name, channels):
         loop = [(o.A(x), o.A_dagger(o.A(x))) for o, x in zip(ops, xs, strict=True)]
         return ys, back, O.batched(ops[0], "A")(xs), loop
 
-    ys, back, ys_shared, loop = probe(stacked, ops, xs)
+    ys, back, ys_shared, loop = jax.tree.map(np.asarray, probe(stacked, ops, xs))
     assert ys.shape == (3, *ops[0].y_shape) and back.shape == xs.shape
     # vmap over (operator, image) pairs, one mask / kernel per image == each operator alone.
     for i in range(3):
@@ -227,7 +227,7 @@ def test_jit_and_vmap_over_operator_instances(name, channels):
     np.testing.assert_allclose(ys_shared[0], loop[0][0], rtol=1e-5, atol=1e-5)
     assert ys_shared.shape == ys.shape
     # jit == no jit (eager dispatch) for one instance.
-    np.testing.assert_allclose(ops[1](xs[1]), ys[1], rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(ops[1](np.asarray(xs)[1]), ys[1], rtol=1e-5, atol=1e-5)
     if name.startswith(("inpaint", "blur_motion", "cs", "colorize")):
         assert not np.allclose(ys[0], ys[1])  # the instances really differ
 

@@ -26,8 +26,10 @@ diagonal. ``svd = op.svd`` exposes, for one image:
 * Components are NOT sorted by singular value. Their order is fixed per operator class (documented
   there); only the positions of zero singulars inside the first m entries may depend on the data
   (inpainting masks).
-* ``Vt``/``V``/``Ut``/``U`` return the input's floating dtype; vmap over ``(op, x)`` for batches:
-  ``jax.vmap(lambda o, x: o.svd.Vt(x))(ops, xs)``.
+* ``Vt``/``V``/``Ut``/``U`` return the input's floating dtype. Batches: one shared operator,
+  ``jax.vmap(op.svd.Vt)(xs)``; per-image operators (:func:`stack`),
+  ``jax.vmap(lambda o, x: o.svd.Vt(x))(ops, xs)``. ``svd.singulars`` of a stacked operator needs
+  the same vmap (``jax.vmap(lambda o: o.svd.singulars)(ops)``).
 """
 
 from __future__ import annotations
@@ -389,6 +391,11 @@ def stack(ops: Sequence[Operator]) -> Operator:
     if len(treedefs) != 1:
         raise ValueError(
             "ops: expected operators of the same class and static fields (image_shape, modes)"
+        )
+    leaves = jax.tree_util.tree_leaves(ops)
+    if all(_is_concrete(a) for a in leaves):  # stack on the host: no eager compilation
+        return jax.tree_util.tree_map(
+            lambda *a: _asarray(np.stack([np.asarray(v) for v in a])), *ops
         )
     return jax.tree_util.tree_map(lambda *a: jnp.stack(a), *ops)
 
