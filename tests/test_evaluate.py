@@ -1,0 +1,118 @@
+"""`reddiff-jax eval` on a tiny random UNet: the table's structure, skips, reruns, the CLI."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+from reddiff_jax import cli, metrics
+from reddiff_jax import evaluate as E
+from reddiff_jax import restore as R
+from reddiff_jax.model import ScoreModel, save_pretrained
+from reddiff_jax.unet import PRESETS, UNet
+
+TASKS = ("inpaint:box", "phase_retrieval")
+ALGOS = ("reddiff", "ddrm")
+
+
+@pytest.fixture(scope="module")
+def tiny_model() -> ScoreModel:
+    cfg = dataclasses.replace(
+        PRESETS["tiny"],
+        in_channels=1,
+        out_channels=None,
+        channel_mult=(1,),
+        attention_resolutions=(),
+        learn_sigma=False,
+        resblock_updown=False,
+    )
+    x = jnp.zeros((1, 32, 32, 1))
+    params = jax.jit(UNet(cfg).init)(jax.random.key(0), x, jnp.zeros((1,), jnp.int32))["params"]
+    return ScoreModel(config=cfg, params=params)
+
+
+def _evaluate(model, out, **kw):
+    kw = {"tasks": TASKS, "algos": ALGOS, "n": 3, "steps": 2, "batch": 2, "progress": False, **kw}
+    return E.evaluate(jax.random.key(3), out=out, model=model, **kw)
+
+
+def test_eval_table_skips_reruns_and_reproduces(tiny_model, tmp_path, monkeypatch):
+    res = _evaluate(tiny_model, tmp_path / "a")
+    assert set(res["tasks"]) == set(TASKS)
+    box, pr = res["tasks"]["inpaint:box"], res["tasks"]["phase_retrieval"]
+    assert set(box["algos"]) == {"reddiff", "ddrm"} and box["skipped"] == {}
+    assert set(pr["algos"]) == {"reddiff"} and "SVD" in pr["skipped"]["ddrm"]
+    keys = {"psnr", "ssim"} | ({"lpips"} if metrics.lpips_available() else set())
+    for row in (box["pinv"], box["algos"]["reddiff"], box["algos"]["ddrm"]):
+        assert keys <= set(row)
+        assert row["psnr"]["mean"] is not None and -1 <= row["ssim"]["mean"] <= 1
+    row = box["algos"]["reddiff"]
+    assert row["nfe"] == 2 and row["backprop_through_network"] is False
+    assert row["seconds_per_image"] > 0 and row["config"]["lr"] == 0.5
+    assert json.loads((tmp_path / "a" / "eval.json").read_text()) == res
+    md = (tmp_path / "a" / "eval.md").read_text()
+    assert "| task | method | PSNR ↑ | SSIM ↑ |" in md
+    assert "| inpaint:box | reddiff |" in md and "| phase_retrieval | pinv (A⁺y, start) |" in md
+    assert "- ddrm on phase_retrieval: not applicable" in md
+
+    # a rerun reuses the finished pairs without solving
+    def no_solve(*args, **kw):
+        raise AssertionError("finished pairs must not be solved again")
+
+    monkeypatch.setattr(R, "_solve", no_solve)
+    again = _evaluate(tiny_model, tmp_path / "a")
+    assert again["tasks"] == res["tasks"]
+    monkeypatch.undo()
+
+    # the same key into a new folder gives the same metrics (timings aside)
+    fresh = _evaluate(tiny_model, tmp_path / "b", tasks=("inpaint:box",), algos=("reddiff",))
+    got, want = fresh["tasks"]["inpaint:box"], res["tasks"]["inpaint:box"]
+    for m in keys:
+        assert got["algos"]["reddiff"][m] == want["algos"]["reddiff"][m]
+        assert got["pinv"][m] == want["pinv"][m]
+
+
+def test_eval_argument_errors(tiny_model, tmp_path):
+    with pytest.raises(ValueError, match="algo: expected one of"):
+        _evaluate(tiny_model, tmp_path, algos=("magic",))
+    with pytest.raises(ValueError, match="steps: entries"):
+        _evaluate(tiny_model, tmp_path, steps={"dps": 3})
+    with pytest.raises(ValueError, match="n: expected"):
+        _evaluate(tiny_model, tmp_path, n=0)
+    assert E._parse_steps_arg("reddiff=5,dps=3") == {"reddiff": 5, "dps": 3}
+    assert E._parse_steps_arg("7") == 7
+    with pytest.raises(ValueError, match="--steps"):
+        E._parse_steps_arg("many")
+    assert E._parse_algo_params(["reddiff.lr=0.3", "dps.zeta=1"]) == {
+        "reddiff": {"lr": "0.3"},
+        "dps": {"zeta": "1"},
+    }
+    with pytest.raises(ValueError, match=r"ALGO\[@TASK\].KEY=VALUE"):
+        E._parse_algo_params(["lr=0.3"])
+    # per-task settings: the operator name or the full spec after "@"
+    params = E._parse_algo_params(
+        ["reddiff.lr=0.3", "reddiff@blur.lam=0.05", "reddiff@blur:gaussian:9:2.0.lr=0.2"]
+    )
+    assert params["reddiff@blur:gaussian:9:2.0"] == {"lr": "0.2"}
+    assert E._overrides(params, "reddiff", "blur:gaussian") == {"lr": "0.3", "lam": "0.05"}
+    assert E._overrides(params, "reddiff", "blur:gaussian:9:2.0") == {"lr": "0.2", "lam": "0.05"}
+    assert E._overrides(params, "reddiff", "sr:4") == {"lr": "0.3"}
+    with pytest.raises(ValueError, match="params: entries"):
+        _evaluate(tiny_model, tmp_path, params={"dps@sr": {"zeta": 1.0}})
+
+
+def test_cli_eval(tiny_model, tmp_path, capsys):
+    path = save_pretrained(tiny_model, tmp_path / "ckpt")
+    out = tmp_path / "cli"
+    argv = ["eval", "--tasks", "inpaint:box", "--algos", "reddiff", "--n", "2", "--steps", "2"]
+    argv += ["--batch", "2", "--model", str(path), "--out", str(out), "--no-progress"]
+    assert cli.main(argv + ["--no-lpips"]) == 0
+    assert "| inpaint:box | reddiff |" in capsys.readouterr().out
+    assert (out / "eval.md").is_file()
+    assert json.loads((out / "eval.json").read_text())["settings"]["lpips"] is False
+    assert cli.main(argv + ["--algos", "nothing"]) == 2
+    assert "algo: expected one of" in capsys.readouterr().err
