@@ -2,37 +2,18 @@
 
 from __future__ import annotations
 
-import dataclasses
 import json
 
 import jax
-import jax.numpy as jnp
 import pytest
 
 from reddiff_jax import cli, metrics
 from reddiff_jax import evaluate as E
 from reddiff_jax import restore as R
-from reddiff_jax.model import ScoreModel, save_pretrained
-from reddiff_jax.unet import PRESETS, UNet
+from reddiff_jax.model import save_pretrained
 
 TASKS = ("inpaint:box", "phase_retrieval")
 ALGOS = ("reddiff", "ddrm")
-
-
-@pytest.fixture(scope="module")
-def tiny_model() -> ScoreModel:
-    cfg = dataclasses.replace(
-        PRESETS["tiny"],
-        in_channels=1,
-        out_channels=None,
-        channel_mult=(1,),
-        attention_resolutions=(),
-        learn_sigma=False,
-        resblock_updown=False,
-    )
-    x = jnp.zeros((1, 32, 32, 1))
-    params = jax.jit(UNet(cfg).init)(jax.random.key(0), x, jnp.zeros((1,), jnp.int32))["params"]
-    return ScoreModel(config=cfg, params=params)
 
 
 def _evaluate(model, out, **kw):

@@ -2,39 +2,20 @@
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 from pathlib import Path
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 from PIL import Image
 
 from reddiff_jax import cli, operators
 from reddiff_jax import restore as R
-from reddiff_jax.model import ScoreModel, save_pretrained
-from reddiff_jax.unet import PRESETS, UNet
+from reddiff_jax.model import save_pretrained
 
 STEPS, BATCH, TASK = 3, 2, "inpaint:box"  # one compiled solve shared by most tests
-
-
-@pytest.fixture(scope="module")
-def tiny_model() -> ScoreModel:
-    cfg = dataclasses.replace(
-        PRESETS["tiny"],
-        in_channels=1,
-        out_channels=None,
-        channel_mult=(1,),
-        attention_resolutions=(),
-        learn_sigma=False,
-        resblock_updown=False,
-    )
-    x = jnp.zeros((1, 32, 32, 1))
-    params = jax.jit(UNet(cfg).init)(jax.random.key(0), x, jnp.zeros((1,), jnp.int32))["params"]
-    return ScoreModel(config=cfg, params=params)
 
 
 @pytest.fixture(scope="module")
