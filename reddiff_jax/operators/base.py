@@ -45,6 +45,7 @@ from flax import struct
 
 __all__ = [
     "SVD",
+    "DiagonalOperator",
     "LinearOperator",
     "Operator",
     "SeparableOperator",
@@ -204,6 +205,46 @@ class LinearOperator(Operator):
 
     def _svd_singulars(self) -> jnp.ndarray:
         raise NotImplementedError
+
+
+class DiagonalOperator(LinearOperator):
+    """y = d ⊙ x, elementwise and full size [H, W, C] (inpainting, denoising).
+
+    Subclasses give the diagonal ``d`` [H, W, C] through ``_diagonal()``. Then ``A_adjoint = A``,
+    ``A_dagger(y) = y / d`` where ``d != 0`` (0 elsewhere), and the SVD is U = V = identity in
+    pixel order ([H, W, C] row-major) with ``singulars = d.ravel()``, so m = n.
+    """
+
+    has_svd: ClassVar[bool] = True
+
+    def _diagonal(self) -> jnp.ndarray:
+        raise NotImplementedError
+
+    def _A(self, x):
+        return x * self._diagonal().astype(x.dtype)
+
+    def _A_adjoint(self, y):
+        return y * self._diagonal().astype(y.dtype)
+
+    def _A_dagger(self, y):
+        d = self._diagonal().astype(y.dtype)
+        nonzero = d != 0
+        return jnp.where(nonzero, y / jnp.where(nonzero, d, 1), 0)
+
+    def _svd_Vt(self, x):
+        return x.ravel()
+
+    def _svd_V(self, v):
+        return v.reshape(self.image_shape)
+
+    def _svd_Ut(self, y):
+        return y.ravel()
+
+    def _svd_U(self, c):
+        return c.reshape(self.image_shape)
+
+    def _svd_singulars(self):
+        return self._diagonal().ravel().astype(jnp.float32)
 
 
 def _svd_pinv(op: LinearOperator, y: jnp.ndarray, threshold: float = 0.0) -> jnp.ndarray:

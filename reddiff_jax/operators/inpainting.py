@@ -9,13 +9,12 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import ClassVar
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from reddiff_jax.operators.base import LinearOperator, _asarray, _is_concrete, check_image_shape
+from reddiff_jax.operators.base import DiagonalOperator, _asarray, _is_concrete, check_image_shape
 
 __all__ = ["Inpainting", "box_mask", "freeform_mask", "random_mask"]
 
@@ -172,7 +171,7 @@ def _freeform_mask(key, shape, lo, hi, max_strokes, vertices):
     return jnp.broadcast_to((1.0 - unions[best])[:, :, None], shape)
 
 
-class Inpainting(LinearOperator):
+class Inpainting(DiagonalOperator):
     """y = mask ⊙ x, full size [H, W, C] with zeros in the holes (official ``Inpainting2``).
 
     ``A_adjoint = A`` (diagonal) and ``A_dagger(y) = mask ⊙ y`` is the exact pseudo-inverse (the
@@ -183,8 +182,6 @@ class Inpainting(LinearOperator):
     """
 
     mask: jnp.ndarray  # [H, W, C] float32, 1 = observed
-
-    has_svd: ClassVar[bool] = True
 
     @classmethod
     def create(cls, image_shape, *, mask) -> Inpainting:
@@ -212,26 +209,5 @@ class Inpainting(LinearOperator):
         """Fraction of observed entries."""
         return jnp.mean(self.mask)
 
-    def _A(self, x):
-        return x * self.mask.astype(x.dtype)
-
-    def _A_adjoint(self, y):
-        return y * self.mask.astype(y.dtype)
-
-    def _A_dagger(self, y):
-        return y * self.mask.astype(y.dtype)
-
-    def _svd_Vt(self, x):
-        return x.ravel()
-
-    def _svd_V(self, v):
-        return v.reshape(self.image_shape)
-
-    def _svd_Ut(self, y):
-        return y.ravel()
-
-    def _svd_U(self, c):
-        return c.reshape(self.image_shape)
-
-    def _svd_singulars(self):
-        return self.mask.ravel().astype(jnp.float32)
+    def _diagonal(self):
+        return self.mask
