@@ -41,7 +41,7 @@ from reddiff_jax.solvers.reddiff import RedDiffConfig
 from reddiff_jax.solvers.reddiff import solve as reddiff_solve
 from reddiff_jax.unet import UNet, UNetConfig, get_preset
 
-GUIDED = Path(__file__).resolve().parents[1].parent / "shared" / "fixtures" / "guided_diffusion"
+GUIDED = Path(__file__).resolve().parents[1] / "tests" / "fixtures" / "guided_diffusion"
 
 
 def _model(size: int) -> tuple[ScoreModel, str]:

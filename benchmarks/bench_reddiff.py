@@ -31,7 +31,7 @@ from reddiff_jax.model import ScoreModel
 from reddiff_jax.solvers import RedDiffConfig, solve, solve_many
 from reddiff_jax.unet import UNet, UNetConfig, get_preset
 
-GUIDED = Path(__file__).resolve().parents[1].parent / "shared" / "fixtures" / "guided_diffusion"
+GUIDED = Path(__file__).resolve().parents[1] / "tests" / "fixtures" / "guided_diffusion"
 
 
 def _model(size: int, dtype: str) -> tuple[ScoreModel, str]:

@@ -1,6 +1,6 @@
 """DPS and ΠGDM against the recorded official RED-diff trajectories (``dps_sr4``, ``pgdm_sr4``).
 
-Fixture: ``shared/fixtures/reddiff_official`` (README: DPS / PGDM part). Layout there is NCHW;
+Fixture: ``tests/fixtures/reddiff_official`` (README: DPS / PGDM part). Layout there is NCHW;
 ours is NHWC. Tolerances are the README's: teacher-forced update arithmetic (recorded eps and
 gradient fed in) rtol 1e-6 x max|x|; free-running with the converted ``tiny_imagenet_like`` UNet
 2e-5 x max|x| (the trajectories reach |x| ~ 530 because the UNet has random weights).
@@ -18,16 +18,13 @@ import pytest
 
 from reddiff_jax.solvers import dps, pgdm
 
-FIXTURES = (Path(__file__).parents[1] / ".." / "shared" / "fixtures").resolve()
+FIXTURES = Path(__file__).resolve().parent / "fixtures"
 OFFICIAL = FIXTURES / "reddiff_official"
 UNET = FIXTURES / "guided_diffusion"
 
 
 def _load(name: str):
-    path = OFFICIAL / f"{name}.npz"
-    if not path.exists():
-        pytest.skip(f"official fixture {path} is absent")
-    return np.load(path)
+    return np.load(OFFICIAL / f"{name}.npz")
 
 
 def _nhwc(a) -> np.ndarray:
@@ -94,8 +91,6 @@ def tiny_model():
     from reddiff_jax.unet import UNetConfig
 
     pt, cfg = UNET / "tiny_imagenet_like.pt", UNET / "tiny_imagenet_like.config.json"
-    if not pt.exists() or not cfg.exists():
-        pytest.skip(f"UNet fixture {pt} is absent")
     config = UNetConfig.from_create_model_kwargs(json.loads(cfg.read_text()))
     params = convert_state_dict(read_state_dict(pt), config)
     return ScoreModel(config=config, params=jax.tree_util.tree_map(jnp.asarray, params))

@@ -32,7 +32,7 @@ from reddiff_jax.convert.command import load_config_file
 from reddiff_jax.model import load_pretrained, param_shapes, read_metadata
 from reddiff_jax.unet import PRESETS, UNetConfig
 
-FIXTURES = Path(__file__).resolve().parents[1].parent / "shared" / "fixtures" / "guided_diffusion"
+FIXTURES = Path(__file__).resolve().parent / "fixtures" / "guided_diffusion"
 TINY = [
     "tiny_imagenet_like",
     "tiny_ffhq_like",
@@ -44,10 +44,6 @@ MANIFESTS = {  # manifest -> preset reproducing it
     "imagenet256_cond": "imagenet256_cond",
     "ffhq256_dps": "ffhq256",
 }
-needs_fixtures = pytest.mark.skipif(
-    not (FIXTURES / "tiny_plain_conv_resample.pt").is_file(),
-    reason=f"guided-diffusion fixtures not found at {FIXTURES}",
-)
 
 
 def _config(name: str) -> UNetConfig:
@@ -64,7 +60,6 @@ def small():
 # --- reading -------------------------------------------------------------------------------
 
 
-@needs_fixtures
 def test_torch_reader_matches_torch_load(tmp_path):
     torch = pytest.importorskip("torch")
     for name in TINY:
@@ -154,7 +149,6 @@ def test_refuses_foreign_callable_without_calling_it(tmp_path, monkeypatch, via)
     assert not calls and not marker.exists()
 
 
-@needs_fixtures
 @pytest.mark.parametrize("suffix", [".pt", ".safetensors"])
 def test_truncated_file_is_a_clear_error(tmp_path, small, suffix):
     if suffix == ".pt":
@@ -172,7 +166,6 @@ def test_truncated_file_is_a_clear_error(tmp_path, small, suffix):
 # --- key accounting --------------------------------------------------------------------------
 
 
-@needs_fixtures
 def test_missing_key_is_named(small):
     config, sd = small
     sd = dict(sd)
@@ -181,7 +174,6 @@ def test_missing_key_is_named(small):
         convert_state_dict(sd, config)
 
 
-@needs_fixtures
 def test_extra_key_is_named(small):
     config, sd = small
     sd = {**sd, "output_blocks.9.0.op.weight": np.zeros((3, 3, 3, 3), np.float32)}
@@ -189,7 +181,6 @@ def test_extra_key_is_named(small):
         convert_state_dict(sd, config)
 
 
-@needs_fixtures
 def test_shape_mismatch_is_named(small):
     config, sd = small
     sd = {**sd, "out.2.weight": np.zeros((6, 32, 3, 3), np.float32)}
@@ -204,7 +195,6 @@ def test_unknown_preset_lists_presets(tmp_path):
         _run_convert(["missing.pt", str(tmp_path / "out"), "--preset", "nope"])
 
 
-@needs_fixtures
 def test_converted_params_are_float32_in_flax_layout(small):
     config, sd = small
     half = {k: v.astype(np.float16) for k, v in sd.items()}
@@ -227,7 +217,6 @@ def _zeros_like(tree):
 # --- expected keys -----------------------------------------------------------------------------
 
 
-@needs_fixtures
 @pytest.mark.parametrize("manifest", sorted(MANIFESTS))
 def test_expected_torch_shapes_match_manifest_and_preset(manifest):
     record = json.loads((FIXTURES / f"{manifest}.keys.json").read_text())
@@ -278,7 +267,6 @@ def _run_convert(argv: list[str]) -> int:
     return args.func(args)
 
 
-@needs_fixtures
 def test_convert_cli_end_to_end(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(cli, "COMMANDS", {"convert": "reddiff_jax.convert.command"})
     name = "tiny_plain_conv_resample"
@@ -307,7 +295,6 @@ def test_convert_cli_end_to_end(tmp_path, monkeypatch, capsys):
     assert load_pretrained(dst).config == model.config
 
 
-@needs_fixtures
 def test_convert_file_reads_safetensors(tmp_path, small):
     st = pytest.importorskip("safetensors.numpy")
     config, sd = small

@@ -11,15 +11,12 @@ import pytest
 
 from reddiff_jax import diffusion
 
-FIXTURES = (Path(__file__).parents[1] / ".." / "shared" / "fixtures").resolve()
+FIXTURES = Path(__file__).resolve().parent / "fixtures"
 OFFICIAL = FIXTURES / "reddiff_official"
 
 
 def _official(name: str):
-    path = OFFICIAL / f"{name}.npz"
-    if not path.exists():
-        pytest.skip(f"official fixture {path} is absent")
-    return np.load(path)
+    return np.load(OFFICIAL / f"{name}.npz")
 
 
 @pytest.mark.parametrize("case", ["reddiff_sr4", "reddiff_in2_box", "dps_sr4"])

@@ -1,6 +1,6 @@
 """Parity of the operators with the official RED-Diff operators (NVlabs/RED-diff @ 66482f2).
 
-The fixtures (``shared/fixtures/reddiff_official/*.npz``, see their README) hold the official
+The fixtures (``tests/fixtures/reddiff_official/*.npz``, see their README) hold the official
 ``y_clean = H(x)`` and ``mu0 = H_pinv(y)`` for a 32x32 photo, NCHW. We compare after
 NCHW -> NHWC. The official sr ``y`` is flat channel-major; ``y_clean_img`` / ``y_img`` hold the
 same data as images. Tolerance 1e-5 absolute (float32 arithmetic on values of order 1; the phase
@@ -16,16 +16,13 @@ import pytest
 
 import reddiff_jax.operators as O
 
-FIXTURES = (Path(__file__).parents[1] / ".." / "shared" / "fixtures").resolve()
+FIXTURES = Path(__file__).resolve().parent / "fixtures"
 OFFICIAL = FIXTURES / "reddiff_official"
 ATOL = 1e-5
 
 
 def _load(name: str):
-    path = OFFICIAL / f"{name}.npz"
-    if not path.exists():
-        pytest.skip(f"official fixture {path} is absent")
-    return np.load(path)
+    return np.load(OFFICIAL / f"{name}.npz")
 
 
 def _nhwc(a: np.ndarray) -> np.ndarray:

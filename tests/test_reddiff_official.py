@@ -1,6 +1,6 @@
 """RED-Diff parity with the official code (NVlabs/RED-diff @ 66482f2), step by step.
 
-Fixtures: ../shared/fixtures/reddiff_official/reddiff_*.npz (tiny random UNet, a real photo, every
+Fixtures: tests/fixtures/reddiff_official/reddiff_*.npz (tiny random UNet, a real photo, every
 random draw recorded; see that folder's README for layouts and tolerances).
 
 * Teacher-forced: the recorded UNet outputs are replayed as eps_fn, so only the RED-Diff
@@ -24,9 +24,9 @@ import pytest
 from reddiff_jax import operators
 from reddiff_jax.solvers import RedDiffConfig, reddiff, solve
 
-SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "fixtures"
-OFFICIAL = SHARED / "reddiff_official"
-GUIDED = SHARED / "guided_diffusion"
+FIXTURES = Path(__file__).resolve().parent / "fixtures"
+OFFICIAL = FIXTURES / "reddiff_official"
+GUIDED = FIXTURES / "guided_diffusion"
 CASES = [
     "reddiff_in2_box",
     "reddiff_sr4",
@@ -35,11 +35,6 @@ CASES = [
     "reddiff_phase_retrieval_pad64",
 ]
 FREE_RUNNING_ATOL = {"reddiff_phase_retrieval_pad64": 1e-2}  # README; 5e-4 for the others
-
-pytestmark = pytest.mark.skipif(
-    not all((OFFICIAL / f"{c}.npz").is_file() for c in CASES),
-    reason=f"official RED-Diff fixtures not found at {OFFICIAL}",
-)
 
 
 def _nhwc(a) -> np.ndarray:
@@ -152,8 +147,6 @@ def test_teacher_forced_step_pair_gradient(name):
 
 @pytest.fixture(scope="module")
 def tiny_model():
-    if not (GUIDED / "tiny_imagenet_like.pt").is_file():
-        pytest.skip(f"tiny UNet fixture not found at {GUIDED}")
     from reddiff_jax.convert import convert_state_dict, read_state_dict
     from reddiff_jax.model import ScoreModel
     from reddiff_jax.unet import UNetConfig

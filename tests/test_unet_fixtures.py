@@ -1,6 +1,6 @@
 """The Flax ADM UNet with converted weights against guided-diffusion's golden outputs.
 
-Each tiny fixture (../shared/fixtures/guided_diffusion) holds a torch state dict, its
+Each tiny fixture (tests/fixtures/guided_diffusion) holds a torch state dict, its
 create_model kwargs and the upstream float32 outputs (NCHW). Tolerances follow the fixture
 README: out atol=rtol=1e-4 (>10x the measured float32 noise, ~8e-6), emb atol 1e-5,
 h_middle atol 1e-4 (|h_middle| up to ~11); the sinusoid also atol 1e-5 (its arguments reach
@@ -21,18 +21,13 @@ import pytest
 from reddiff_jax.convert import convert_state_dict, read_torch_zip
 from reddiff_jax.unet import UNet, UNetConfig, timestep_embedding
 
-FIXTURES = Path(__file__).resolve().parents[1].parent / "shared" / "fixtures" / "guided_diffusion"
+FIXTURES = Path(__file__).resolve().parent / "fixtures" / "guided_diffusion"
 TINY = [
     "tiny_imagenet_like",
     "tiny_ffhq_like",
     "tiny_newattn_classcond",
     "tiny_plain_conv_resample",
 ]
-
-pytestmark = pytest.mark.skipif(
-    not (FIXTURES / "tiny_ffhq_like.pt").is_file(),
-    reason=f"guided-diffusion fixtures not found at {FIXTURES}",
-)
 
 
 @pytest.fixture(scope="module", params=TINY)
