@@ -27,6 +27,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from flax import struct
 
+from reddiff_jax import assets
 from reddiff_jax.unet import UNet, UNetConfig
 
 __all__ = ["ScoreModel", "load_pretrained", "param_shapes", "read_metadata", "save_pretrained"]
@@ -193,18 +194,36 @@ def _leaf_paths(tree: Any) -> dict[str, tuple[int, ...]]:
     return {jax.tree_util.keystr(p): tuple(leaf.shape) for p, leaf in flat}
 
 
-def load_pretrained(path: str | os.PathLike) -> ScoreModel:
+def _resolve_checkpoint(path_or_name: str | os.PathLike) -> Path:
+    """An existing path wins, then an embedded prior's name; anything else is a clear error."""
+    path = Path(path_or_name)
+    if path.exists():
+        return path.absolute()
+    if isinstance(path_or_name, str) and path_or_name in assets.EMBEDDED:
+        return assets.embedded_model_path(path_or_name)
+    raise FileNotFoundError(
+        f"path: no checkpoint directory at {path}, and {str(path_or_name)!r} is not the name "
+        f"of an embedded prior (embedded: {', '.join(assets.EMBEDDED)})"
+    )
+
+
+def load_pretrained(path_or_name: str | os.PathLike) -> ScoreModel:
     """Loads a checkpoint written by `save_pretrained` (or `reddiff-jax convert`).
+
+    Args:
+      path_or_name: a checkpoint directory, or the name of an embedded prior
+        (`reddiff_jax.assets.EMBEDDED`, e.g. ``"mnist32"``). An existing path wins over a name.
 
     Returns:
       A `ScoreModel` whose params are float32 jax arrays on the default device.
 
     Raises:
-      FileNotFoundError: no checkpoint directory at `path`.
+      FileNotFoundError: no checkpoint directory at the path, and not an embedded name (the
+        message lists the embedded names).
       ValueError: a corrupt checkpoint, or params whose structure or shapes differ from what
         the recorded config implies (the message lists them).
     """
-    path = Path(path).absolute()
+    path = _resolve_checkpoint(path_or_name)
     record = read_metadata(path)
     try:
         config = UNetConfig.from_dict(record["config"])
