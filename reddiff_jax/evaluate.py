@@ -35,21 +35,12 @@ import numpy as np
 
 from reddiff_jax import metrics as metrics_lib
 from reddiff_jax import restore as restore_lib
+from reddiff_jax.solvers import registry
 
 __all__ = ["DEFAULT_ALGOS", "DEFAULT_TASKS", "evaluate", "format_markdown", "register"]
 
 DEFAULT_TASKS = ("inpaint:box", "sr:4", "blur:gaussian", "phase_retrieval")
 DEFAULT_ALGOS = ("reddiff", "dps", "pgdm", "ddrm")
-# Settings shown in the markdown table, per solver (besides the step count).
-_SHOWN = {
-    "reddiff": ("lr", "lam"),
-    "dps": ("zeta", "eta"),
-    "pgdm": ("w", "eta"),
-    "ddrm": ("eta", "eta_b"),
-    "diffpir": ("lam", "zeta"),
-}
-# Solvers that back-propagate through the network at every step (a VJP on top of the forward).
-_BACKPROP = {"dps": True, "pgdm": True, "reddiff": False, "ddrm": False, "diffpir": False}
 
 
 def _task_key(key: jax.Array, task: str) -> jax.Array:
@@ -141,7 +132,7 @@ def evaluate(
     if not tasks or not algos:
         raise ValueError(f"tasks/algos: expected at least one of each, got {tasks} and {algos}")
     for a in algos:
-        restore_lib._solver_module(a)
+        registry.get(a)
     steps_by_algo = _parse_steps(steps, algos)
     params = dict(params or {})
     unknown = sorted(k for k in params if k.split("@", 1)[0] not in algos)
@@ -232,7 +223,9 @@ def evaluate(
 def _overrides(params: dict[str, dict[str, Any]], algo: str, task: str) -> dict[str, Any]:
     """Settings for ``algo`` on ``task``: ``params[algo]``, then ``params["algo@<operator name>"]``
     (e.g. ``"reddiff@blur"``), then ``params["algo@<task spec>"]`` (e.g. ``"reddiff@sr:4"``)."""
-    name = restore_lib._task_name(task)
+    from reddiff_jax import operators
+
+    name = operators.parse_spec(task)[0]
     out: dict[str, Any] = {}
     for k in (algo, f"{algo}@{name}", f"{algo}@{task}"):
         out.update(params.get(k, {}))
@@ -273,7 +266,7 @@ def _run_pair(algo, model, op, y, config, key, truth, batch, use_lpips, progress
         "seconds_per_image": per_image,
         "compile_and_first_batch_seconds": seconds[min(seconds)],
         "nfe": _iterations(config),
-        "backprop_through_network": _BACKPROP[algo],
+        "backprop_through_network": registry.get(algo).backprop,
         "config": restore_lib._config_record(config),
     }
 
@@ -316,7 +309,8 @@ def format_markdown(results: dict[str, Any]) -> str:
             nfe = str(r["nfe"]) + (" + VJP" if r.get("backprop_through_network") else "")
             cells.append(nfe)
             cfg = r.get("config", {})
-            cells.append(", ".join(f"{k} {cfg[k]}" for k in _SHOWN.get(name, ()) if k in cfg))
+            shown = registry.ALGORITHMS[name].shown if name in registry.ALGORITHMS else ()
+            cells.append(", ".join(f"{k} {cfg[k]}" for k in shown if k in cfg))
             lines.append(f"| {task} | {name} | " + " | ".join(cells) + " |")
         for algo, reason in t["skipped"].items():
             notes.append(f"- {algo} on {task}: not applicable ({reason}).")

@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import functools
-import importlib
 import io
 import json
 import os
@@ -42,6 +41,9 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from reddiff_jax import metrics as metrics_lib
+from reddiff_jax import solvers
+from reddiff_jax.assets import default_heldout_path, default_model_path
+from reddiff_jax.solvers import registry
 
 __all__ = [
     "ALGOS",
@@ -61,112 +63,14 @@ __all__ = [
     "solve_batches",
 ]
 
-ALGOS = ("reddiff", "dps", "pgdm", "ddrm", "diffpir")
+ALGOS = registry.conditional_names()
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".pgm")
 DEFAULT_STEPS = 100
-
-# Per-algorithm, per-task defaults (task = the operator name, the part of the spec before ":").
-# "*" applies to every task; a task entry overrides it. Sources (reference
-# reddiff_official.md sections 2 and 4):
-#   reddiff: official sample_test.sh: lr 0.5, lambda 0.25 for in2, deblur_gauss, hdr,
-#            phase_retrieval; sr4 runs with the yaml lr 0.1.
-#   dps:     zeta per task from the official scripts (solvers.dps.ZETA_BY_TASK); deblur_gauss
-#            also uses eta 1.0.
-#   pgdm:    official scripts: w 1, eta 1.0; inpainting replaces the observed pixels (project).
-#   ddrm:    official yaml: eta 0.85, eta_b 1.
-#   diffpir: official DiffPIR configs (solvers.diffpir.TASK_DEFAULTS), without their step counts.
-_DEFAULTS: dict[str, dict[str, dict[str, Any]]] = {
-    "reddiff": {
-        "*": {"lr": 0.5, "lam": 0.25},
-        "sr": {"lr": 0.1},
-    },
-    "dps": {"*": {"eta": 0.0}, "blur": {"eta": 1.0}},
-    "pgdm": {"*": {"w": 1.0, "eta": 1.0}, "inpaint": {"project": True}},
-    "ddrm": {"*": {"eta": 0.85, "eta_b": 1.0}},
-    "diffpir": {"*": {}},
-}
-
-
-# ------------------------------------------------------------------------------------------------
-# paths of the embedded prior
-
-
-def _repo_root() -> Path:
-    return Path(__file__).resolve().parents[1]
-
-
-def default_model_path() -> Path:
-    """The embedded default prior, ``checkpoints/mnist32`` beside the package (source checkout)."""
-    return _repo_root() / "checkpoints" / "mnist32"
-
-
-def default_heldout_path() -> Path:
-    """The committed held-out digits (uint8 [1000, 32, 32, 1]) of the embedded prior."""
-    return default_model_path() / "heldout.npz"
-
-
-# ------------------------------------------------------------------------------------------------
-# algorithms and their configs
-
-
-def _task_name(task: str) -> str:
-    """The operator name of a task spec (``"sr:4"`` and ``"sr4"`` -> ``"sr"``)."""
-    from reddiff_jax import operators
-
-    return operators.parse_spec(task)[0]
-
-
-def _solver_module(algo: str):
-    if algo not in ALGOS:
-        raise ValueError(f"algo: expected one of {ALGOS}, got {algo!r}")
-    return importlib.import_module(f"reddiff_jax.solvers.{algo}")
-
-
-def _config_class(algo: str) -> type:
-    module = _solver_module(algo)
-    return module.RedDiffConfig if algo == "reddiff" else module.Config
 
 
 def algo_defaults(algo: str, task: str) -> dict[str, Any]:
     """The config values ``restore`` uses for ``algo`` on ``task`` (besides ``num_steps``)."""
-    _solver_module(algo)
-    table = _DEFAULTS[algo]
-    name = _task_name(task)
-    out = dict(table.get("*", {}))
-    if algo == "dps":
-        from reddiff_jax.solvers.dps import ZETA_BY_TASK
-
-        if name in ZETA_BY_TASK:
-            out["zeta"] = ZETA_BY_TASK[name]
-    if algo == "diffpir":
-        from reddiff_jax.solvers.diffpir import TASK_DEFAULTS
-
-        out.update({k: v for k, v in TASK_DEFAULTS.get(name, {}).items() if k != "num_steps"})
-    out.update(table.get(name, {}))
-    return out
-
-
-def _coerce(field: dataclasses.Field, value: Any, name: str) -> Any:
-    """Converts a command-line string to the type of ``field``'s default."""
-    if not isinstance(value, str):
-        return value
-    default = field.default
-    try:
-        if isinstance(default, bool):
-            if value.lower() in ("1", "true", "yes", "on"):
-                return True
-            if value.lower() in ("0", "false", "no", "off"):
-                return False
-            raise ValueError(value)
-        if isinstance(default, int):
-            return int(value)
-        if isinstance(default, float):
-            return float(value)
-    except ValueError:
-        raise ValueError(
-            f"{name}: expected a {type(default).__name__} for {field.name}, got {value!r}"
-        ) from None
-    return value
+    return registry.task_defaults(algo, task)
 
 
 def algo_config(
@@ -177,56 +81,23 @@ def algo_config(
     sigma_y: float = 0.0,
     overrides: dict[str, Any] | None = None,
 ) -> Any:
-    """The solver config for ``algo`` on ``task``: defaults, then ``steps``, then ``overrides``.
-
-    Args:
-      algo: one of :data:`ALGOS`.
-      task: operator spec (e.g. ``"sr:4"``); its name selects the per-task defaults.
-      steps: ``num_steps`` (default :data:`DEFAULT_STEPS`).
-      sigma_y: the measurement noise level, copied into configs that have a ``sigma_y`` field
-        (DDRM, DiffPIR) unless ``overrides`` sets it.
-      overrides: field -> value (strings are converted to the field's type).
-
-    Raises:
-      ValueError: an unknown algo or field, or a value the config rejects.
-    """
-    cls = _config_class(algo)
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    values: dict[str, Any] = dict(algo_defaults(algo, task))
-    values["num_steps"] = DEFAULT_STEPS if steps is None else int(steps)
-    if "sigma_y" in fields:
-        values["sigma_y"] = float(sigma_y)
-    for k, v in (overrides or {}).items():
-        if k not in fields:
-            valid = sorted(f for f in fields if f not in ("optimizer", "init"))
-            raise ValueError(f"param: {algo} has no setting {k!r}; valid settings: {valid}")
-        values[k] = _coerce(fields[k], v, "param")
-    values = {k: v for k, v in values.items() if k in fields}
-    try:
-        return cls(**values)
-    except TypeError as err:
-        raise ValueError(f"param: invalid {algo} setting: {err}") from err
+    """The solver config for ``algo`` on ``task`` (:func:`reddiff_jax.solvers.registry.config_for`
+    with ``steps`` defaulting to :data:`DEFAULT_STEPS`)."""
+    steps = DEFAULT_STEPS if steps is None else int(steps)
+    return registry.config_for(algo, task, steps=steps, sigma_y=sigma_y, overrides=overrides)
 
 
 def applicable(algo: str, op: Any) -> str | None:
     """None when ``algo`` can run with ``op``, else the reason it cannot (a sentence)."""
-    _solver_module(algo)
-    if algo in ("dps", "pgdm", "diffpir", "reddiff") and not callable(
-        getattr(op, "A_dagger", None)
-    ):
-        return f"{algo} starts from the pseudo-inverse and the operator has no A_dagger"
-    if algo == "ddrm" and getattr(op, "svd", None) is None:
-        return "ddrm needs an operator with an SVD (op.svd), which this operator has not"
-    return None
+    return registry.applicable(algo, op)
 
 
 def _solve(algo: str, eps_fn: Callable, op: Any, y: jax.Array, config: Any, key: jax.Array):
-    module = _solver_module(algo)
     try:
-        result = module.solve(eps_fn, op, y, config, key)
-    except FloatingPointError as err:  # RED-Diff's NonFiniteError
+        result = solvers.solve(config, eps_fn, op, y, key)
+    except solvers.SolveError as err:
         raise ValueError(f"{algo}: the solve diverged: {err}") from err
-    return result.x0_pred
+    return result.x
 
 
 # ------------------------------------------------------------------------------------------------
@@ -708,7 +579,7 @@ def restore(
     from reddiff_jax.model import ScoreModel, load_pretrained
     from reddiff_jax.solvers.common import measurement_shape
 
-    _solver_module(algo)
+    registry.get(algo)
     if not isinstance(sigma_y, int | float) or not np.isfinite(sigma_y) or sigma_y < 0:
         raise ValueError(f"sigma_y: expected a finite float >= 0, got {sigma_y!r}")
     model_path = None
@@ -928,22 +799,12 @@ def _run(args: argparse.Namespace) -> int:
 
 def _defaults_text() -> str:
     lines = [f"solver defaults ({DEFAULT_STEPS} steps; official settings, see the module doc):"]
-    for algo, table in _DEFAULTS.items():
+    for name in ALGOS:
+        table = registry.get(name).task_defaults
         parts = [", ".join(f"{k} {v}" for k, v in table.get("*", {}).items()) or "config defaults"]
         parts += [f"{task}: " + ", ".join(f"{k} {v}" for k, v in kv.items())
                   for task, kv in table.items() if task != "*"]  # fmt: skip
-        lines.append(f"  {algo}: " + "; ".join(parts))
-    from reddiff_jax.solvers.diffpir import TASK_DEFAULTS
-    from reddiff_jax.solvers.dps import ZETA_BY_TASK
-
-    lines.append("  dps zeta per task: " + ", ".join(f"{k} {v}" for k, v in ZETA_BY_TASK.items()))
-    lines.append(
-        "  diffpir per task: "
-        + "; ".join(
-            f"{t}: " + ", ".join(f"{k} {v}" for k, v in kv.items() if k != "num_steps")
-            for t, kv in TASK_DEFAULTS.items()
-        )
-    )
+        lines.append(f"  {name}: " + "; ".join(parts))
     lines.append("example: reddiff-jax restore --demo --n 8 --task sr:4 --out outputs/demo_sr4")
     return "\n".join(lines)
 

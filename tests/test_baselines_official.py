@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from reddiff_jax.solvers import dps, pgdm
+from reddiff_jax.solvers import dps, pgdm, solve
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
 OFFICIAL = FIXTURES / "reddiff_official"
@@ -97,24 +97,23 @@ def tiny_model():
 
 
 @pytest.mark.parametrize(
-    "case, module, config",
+    "case, config",
     [
-        ("dps_sr4", dps, dps.DPSConfig(num_steps=20, zeta=1.0, eta=1.0)),
-        ("pgdm_sr4", pgdm, pgdm.PGDMConfig(num_steps=20, w=1.0, eta=1.0)),
+        ("dps_sr4", dps.DPSConfig(num_steps=20, zeta=1.0, eta=1.0)),
+        ("pgdm_sr4", pgdm.PGDMConfig(num_steps=20, w=1.0, eta=1.0)),
     ],
 )
-def test_free_running_matches_official_trajectory(tiny_model, case, module, config):
+def test_free_running_matches_official_trajectory(tiny_model, case, config):
     d = _load(case)
     y = jnp.asarray(_nhwc(d["y_img"]))
     noise = {"init": jnp.asarray(_nhwc(d["noise_init"])), "z": jnp.asarray(_nhwc(d["noise_z"]))}
-    res = module.solve(
-        tiny_model.eps, _sr4(), y, config, jax.random.key(0), noise=noise, trajectory=True
-    )
+    res = solve(config, tiny_model.eps, _sr4(), y, jax.random.key(0), noise=noise, trajectory=True)
     ref = _nhwc(d["x_next"])
     scale = np.abs(ref).max()
     # README: float32 vs float64 official runs differ by <= 4.5e-6 x max|x|; a faithful float32
     # port with its own UNet should agree to about 2e-5 x max|x| at every step.
     tol = 2e-5 * scale
-    np.testing.assert_allclose(np.asarray(res.xs), ref, rtol=0, atol=tol)
-    np.testing.assert_allclose(np.asarray(res.x0s), _nhwc(d["x0_pred"]), rtol=0, atol=tol)
-    np.testing.assert_allclose(np.asarray(res.x0_pred), _nhwc(d["x_final"]), rtol=0, atol=tol)
+    np.testing.assert_allclose(np.asarray(res.trajectory["x"]), ref, rtol=0, atol=tol)
+    np.testing.assert_allclose(np.asarray(res.trajectory["x0"]), _nhwc(d["x0_pred"]), rtol=0,
+                               atol=tol)  # fmt: skip
+    np.testing.assert_allclose(np.asarray(res.x), _nhwc(d["x_final"]), rtol=0, atol=tol)

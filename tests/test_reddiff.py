@@ -4,7 +4,6 @@ determinism, replay, progress, errors. Tiny images (8x8x3), few steps, analytic 
 from __future__ import annotations
 
 import functools
-import importlib
 
 import flax.struct
 import jax
@@ -15,18 +14,31 @@ import pytest
 
 from reddiff_jax import diffusion
 from reddiff_jax.solvers import (
-    NonFiniteError,
     RedDiffConfig,
+    SolveError,
     SolveStatus,
-    reddiff,
+    StepInput,
+    driver,
     snr_weight,
     solve,
     solve_many,
-    step_noise,
 )
+from reddiff_jax.solvers.base import split_step_draws
+from reddiff_jax.solvers.reddiff import reddiff
 
 SHAPE = (8, 8, 3)
 ALPHAS = np.asarray(diffusion.alphas_cumprod())
+
+
+def step_noise(key, k, shape):
+    """The documented draw of step k: ε of x_t from ``split(fold_in(key, k))[0]``."""
+    return split_step_draws(("xt",))(key, k, shape)["xt"]
+
+
+def _inp(t: int, k: int = 0) -> StepInput:
+    """The StepInput of timestep t (for driving the step pair by hand)."""
+    a = diffusion.alpha_bar(jnp.asarray(ALPHAS), jnp.asarray(t))
+    return StepInput(jnp.asarray(k, jnp.int32), jnp.asarray(t, jnp.int32), a, a)
 
 
 class Mask(flax.struct.PyTreeNode):
@@ -134,15 +146,18 @@ def test_matches_float64_reference(problem, batch, kw):
         "xt": rng.standard_normal((len(ts), batch, *SHAPE)).astype(np.float32),
         "x0": rng.standard_normal((len(ts), batch, *SHAPE)).astype(np.float32),
     }
-    res = solve(_toy_eps, Mask(jnp.asarray(mask)), jnp.asarray(y), cfg, None, noise=noise)
+    replay = noise if cfg.sigma_x0 > 0 else {"xt": noise["xt"]}
+    res = solve(cfg, _toy_eps, Mask(jnp.asarray(mask)), jnp.asarray(y), None, noise=replay)
     mu0 = y * mask if cfg.init == "pinv" else np.zeros_like(y)
     x0_ref, mu_ref, w_ref = _reference(mu0, y, mask, noise["xt"], noise["x0"], ts, cfg=cfg)
-    np.testing.assert_allclose(np.asarray(res.mu), mu_ref, rtol=0, atol=1e-5)
-    np.testing.assert_allclose(np.asarray(res.x0_pred), x0_ref, rtol=0, atol=1e-5)
-    np.testing.assert_allclose(np.asarray(res.w_t), w_ref, rtol=1e-5)
-    np.testing.assert_allclose(np.asarray(res.v_t), cfg.obs_weight)
-    assert res.loss.shape == (len(ts),) and res.loss_noise.shape == (len(ts), batch)
-    assert int(res.status) == SolveStatus.SUCCESS and int(res.nonfinite_step) == -1
+    np.testing.assert_allclose(np.asarray(res.state.mu), mu_ref, rtol=0, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(res.x), x0_ref, rtol=0, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(res.info["w_t"]), w_ref, rtol=1e-5)
+    np.testing.assert_allclose(np.asarray(res.info["v_t"]), cfg.obs_weight)
+    assert res.info["loss"].shape == (len(ts),)
+    assert res.info["loss_noise"].shape == (len(ts), batch)
+    np.testing.assert_array_equal(np.asarray(res.status), [SolveStatus.SUCCESS] * batch)
+    np.testing.assert_array_equal(np.asarray(res.failed_step), [-1] * batch)
 
 
 def test_regulariser_gradient_matches_gaussian_expectation(problem):
@@ -152,12 +167,13 @@ def test_regulariser_gradient_matches_gaussian_expectation(problem):
     prior = problem["prior"]
     solver = reddiff(prior.eps, Mask(jnp.asarray(problem["masks"][0])), config=cfg)
     mu = jnp.asarray(problem["x"][:1])
-    state = solver.init(jnp.zeros((1, *SHAPE)), mu0=mu)
+    state = solver.init(jnp.zeros((1, *SHAPE)), {**cfg.hyperparams(), "mu0": mu})
 
     @jax.jit
     def mean_grad(t, key):
         def one(k):
-            return solver.step(state, t, step_noise(k, 0, mu.shape))[1].grad_reg
+            out = solver.step(state, _inp(t), {"xt": step_noise(k, 0, mu.shape)})[1]
+            return out.extras["grad_reg"]
 
         return jnp.mean(jax.vmap(one)(jax.random.split(key, draws)), axis=0)
 
@@ -190,11 +206,11 @@ def test_fixed_point_gaussian_prior_linear_operator(problem):
     mask = problem["masks"][1]
     y = problem["x"][:2] * mask
     solver = reddiff(problem["prior"].eps, Mask(jnp.asarray(mask)), config=cfg)
-    state = solver.init(jnp.asarray(y), mu0="zeros")
+    state = solver.init(jnp.asarray(y), {**cfg.hyperparams(), "mu0": jnp.zeros(SHAPE)})
     zero = jnp.zeros((2, *SHAPE))
 
     def body(st, _):
-        return solver.step(st, t, zero)[0], None
+        return solver.step(st, _inp(t), {"xt": zero})[0], None
 
     state, _ = jax.jit(lambda st: jax.lax.scan(body, st, None, length=80))(state)
     expected = (a * problem["mean"] + v * mask * y) / (a + v * mask)
@@ -217,13 +233,15 @@ def test_network_is_never_differentiated(problem):
     op = Mask(jnp.asarray(problem["masks"][0]))
     y = jnp.asarray(problem["x"][:1] * problem["masks"][0])
     noise = _noise(10, 1)
-    res = solve(guarded, op, y, cfg, None, noise=noise)
-    ref = solve(_toy_eps, op, y, cfg, None, noise=noise)
-    np.testing.assert_array_equal(np.asarray(res.mu), np.asarray(ref.mu))
+    res = solve(cfg, guarded, op, y, None, noise=noise)
+    ref = solve(cfg, _toy_eps, op, y, None, noise=noise)
+    np.testing.assert_array_equal(np.asarray(res.state.mu), np.asarray(ref.state.mu))
 
 
 def _noise(steps, batch, seed=0):
-    return np.random.default_rng(seed).standard_normal((steps, batch, *SHAPE)).astype(np.float32)
+    """Replayed RED-Diff draws {"xt": [steps, batch, *SHAPE]}."""
+    rng = np.random.default_rng(seed)
+    return {"xt": rng.standard_normal((steps, batch, *SHAPE)).astype(np.float32)}
 
 
 def test_same_key_same_result_replay_and_progress(problem):
@@ -231,24 +249,25 @@ def test_same_key_same_result_replay_and_progress(problem):
     op = Mask(jnp.asarray(problem["masks"][0]))
     y = jnp.asarray(problem["x"][:2] * problem["masks"][0])
     key = jax.random.key(7)
-    a = solve(_toy_eps, op, y, cfg, key)
-    b = solve(_toy_eps, op, y, cfg, key)
-    for f in ("mu", "x0_pred", "loss"):
-        np.testing.assert_array_equal(np.asarray(getattr(a, f)), np.asarray(getattr(b, f)))
-    c = solve(_toy_eps, op, y, cfg, jax.random.key(8))
-    assert not np.allclose(np.asarray(a.mu), np.asarray(c.mu))
+    a = solve(cfg, _toy_eps, op, y, key)
+    b = solve(cfg, _toy_eps, op, y, key)
+    for u, v in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+        np.testing.assert_array_equal(np.asarray(u), np.asarray(v))
+    c = solve(cfg, _toy_eps, op, y, jax.random.key(8))
+    assert not np.allclose(np.asarray(a.state.mu), np.asarray(c.state.mu))
     # replaying the documented draws (step_noise) reproduces the keyed run
-    noise = jnp.stack([step_noise(key, k, y.shape).xt for k in range(10)])
-    d = solve(_toy_eps, op, y, cfg, None, noise=noise, trajectory=True)
-    np.testing.assert_allclose(np.asarray(d.mu), np.asarray(a.mu), rtol=0, atol=1e-6)
-    np.testing.assert_allclose(np.asarray(d.x0_pred), np.asarray(a.x0_pred), rtol=0, atol=1e-6)
+    noise = {"xt": jnp.stack([step_noise(key, k, y.shape) for k in range(10)])}
+    d = solve(cfg, _toy_eps, op, y, None, noise=noise, trajectory=True)
+    np.testing.assert_allclose(np.asarray(d.state.mu), np.asarray(a.state.mu), rtol=0, atol=1e-6)
+    np.testing.assert_allclose(np.asarray(d.x), np.asarray(a.x), rtol=0, atol=1e-6)
     # chunked scan with a progress bar: identical
-    e = solve(_toy_eps, op, y, cfg, None, noise=noise, trajectory=True, progress=5)
-    for f in ("mu", "x0_pred", "loss", "loss_obs", "w_t", "mu_trajectory"):
-        np.testing.assert_array_equal(np.asarray(getattr(d, f)), np.asarray(getattr(e, f)))
-    # output convention: x0_pred is mu before the final update (sigma_x0 = 0)
-    np.testing.assert_array_equal(np.asarray(d.x0_pred), np.asarray(d.mu_trajectory[-2]))
-    np.testing.assert_array_equal(np.asarray(d.mu), np.asarray(d.mu_trajectory[-1]))
+    e = solve(cfg, _toy_eps, op, y, None, noise=noise, trajectory=True, progress=5)
+    for u, v in zip(jax.tree.leaves(d), jax.tree.leaves(e), strict=True):
+        np.testing.assert_array_equal(np.asarray(u), np.asarray(v))
+    # output convention: x is mu before the final update (sigma_x0 = 0)
+    np.testing.assert_array_equal(np.asarray(d.x), np.asarray(d.trajectory["x"][-2]))
+    np.testing.assert_array_equal(np.asarray(d.state.mu), np.asarray(d.trajectory["x"][-1]))
+    np.testing.assert_array_equal(np.asarray(d.x), np.asarray(d.trajectory["x0"][-1]))
 
 
 def test_solve_many_equals_separate_solves(problem):
@@ -260,15 +279,16 @@ def test_solve_many_equals_separate_solves(problem):
     lrs = jnp.asarray([0.05, 0.1, 0.1, 0.2])
     keys = jax.random.split(jax.random.key(3), 4)
     eps_fn = problem["prior"].eps
-    many = solve_many(eps_fn, Mask(masks), ys, cfg, keys, lam=lams, lr=lrs)
-    assert many.x0_pred.shape == (4, *SHAPE) and many.loss.shape == (4, 10)
+    many = solve_many(cfg, eps_fn, Mask(masks), ys, keys, hyper={"lam": lams, "lr": lrs})
+    assert many.x.shape == (4, *SHAPE) and many.info["loss"].shape == (4, 10)
     for i in range(4):
         one_cfg = RedDiffConfig(num_steps=10, lr=float(lrs[i]), lam=float(lams[i]))
-        one = solve(eps_fn, Mask(masks[i]), ys[i : i + 1], one_cfg, keys[i])
-        for f in ("x0_pred", "mu"):
-            got, want = np.asarray(getattr(many, f)[i]), np.asarray(getattr(one, f)[0])
-            np.testing.assert_allclose(got, want, rtol=0, atol=1e-5)
-        np.testing.assert_allclose(np.asarray(many.loss[i]), np.asarray(one.loss), rtol=1e-5)
+        one = solve(one_cfg, eps_fn, Mask(masks[i]), ys[i : i + 1], keys[i])
+        for got, want in ((many.x[i], one.x[0]), (many.state.mu[i, 0], one.state.mu[0])):
+            np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=0, atol=1e-5)
+        np.testing.assert_allclose(
+            np.asarray(many.info["loss"][i]), np.asarray(one.info["loss"]), rtol=1e-5
+        )
 
 
 def test_image_mean_batch_equals_separate_solves(problem):
@@ -277,12 +297,15 @@ def test_image_mean_batch_equals_separate_solves(problem):
     op = Mask(jnp.asarray(problem["masks"][2]))
     ys = jnp.asarray(problem["x"] * problem["masks"][2])
     noise = _noise(10, 4, seed=5)
-    batch = solve(_toy_eps, op, ys, cfg, None, noise=noise)
+    batch = solve(cfg, _toy_eps, op, ys, None, noise=noise)
     for i in range(4):
-        one = solve(_toy_eps, op, ys[i : i + 1], cfg, None, noise=noise[:, i : i + 1])
-        np.testing.assert_allclose(np.asarray(batch.mu[i]), np.asarray(one.mu[0]), atol=1e-6)
-        np.testing.assert_allclose(np.asarray(batch.loss_obs[:, i]), np.asarray(one.loss_obs[:, 0]),
-                                   rtol=1e-6)  # fmt: skip
+        one_noise = {"xt": noise["xt"][:, i : i + 1]}
+        one = solve(cfg, _toy_eps, op, ys[i : i + 1], None, noise=one_noise)
+        np.testing.assert_allclose(
+            np.asarray(batch.state.mu[i]), np.asarray(one.state.mu[0]), atol=1e-6
+        )
+        np.testing.assert_allclose(np.asarray(batch.info["loss_obs"][:, i]),
+                                   np.asarray(one.info["loss_obs"][:, 0]), rtol=1e-6)  # fmt: skip
 
 
 def test_nonfinite_detection_names_the_step(problem):
@@ -293,40 +316,40 @@ def test_nonfinite_detection_names_the_step(problem):
     op = Mask(jnp.asarray(problem["masks"][0]))
     y = jnp.asarray(problem["x"][:1] * problem["masks"][0])
     noise = _noise(10, 1)
-    with pytest.raises(NonFiniteError, match=r"step 5 \(t = 400\)"):
-        solve(eps_fn, op, y, cfg, None, noise=noise)
-    res = solve(eps_fn, op, y, cfg, None, noise=noise, throw=False)
-    assert int(res.status) == SolveStatus.NONFINITE and int(res.nonfinite_step) == 5
-    assert not bool(res.ok)
+    with pytest.raises(SolveError, match=r"step 5 \(t = 400\)"):
+        solve(cfg, eps_fn, op, y, None, noise=noise)
+    res = solve(cfg, eps_fn, op, y, None, noise=noise, throw=False)
+    assert int(res.status[0]) == SolveStatus.NONFINITE and int(res.failed_step[0]) == 5
+    assert not bool(res.ok[0])
     # vmapped: only the measurement with lam = inf fails, the others keep status SUCCESS
     ys = jnp.asarray(problem["x"] * problem["masks"][0])
     lams = jnp.asarray([0.25, jnp.inf, 0.25, 0.25])
-    noise4 = _noise(10, 4)[:, :, None].transpose(1, 0, 2, 3, 4, 5)[:, :, 0]
-    kw = dict(lam=lams, op_axis=None, noise=noise4)
-    many = solve_many(_toy_eps, op, ys, cfg, None, throw=False, **kw)
+    noise4 = {"xt": _noise(10, 4)["xt"].transpose(1, 0, 2, 3, 4)}
+    kw = dict(hyper={"lam": lams}, op_axis=None, noise=noise4)
+    many = solve_many(cfg, _toy_eps, op, ys, None, throw=False, **kw)
     np.testing.assert_array_equal(np.asarray(many.status), [0, 1, 0, 0])
-    np.testing.assert_array_equal(np.asarray(many.nonfinite_step), [-1, 0, -1, -1])
-    assert np.isfinite(np.asarray(many.mu[np.array([0, 2, 3])])).all()
-    with pytest.raises(NonFiniteError, match=r"measurement 1"):
-        solve_many(_toy_eps, op, ys, cfg, None, **kw)
+    np.testing.assert_array_equal(np.asarray(many.failed_step), [-1, 0, -1, -1])
+    assert np.isfinite(np.asarray(many.state.mu[np.array([0, 2, 3])])).all()
+    with pytest.raises(SolveError, match=r"measurement 1"):
+        solve_many(cfg, _toy_eps, op, ys, None, **kw)
 
 
 def test_compiled_once_per_structure(problem):
     """Different values (y, lam, lr, obs_weight, mask, prior params) reuse the compiled scan."""
-    scan_jit = importlib.import_module("reddiff_jax.solvers.reddiff")._scan_jit
+    scan_jit = driver._chunk_jit
     op = Mask(jnp.asarray(problem["masks"][0]))
     y = jnp.asarray(problem["x"][:1] * problem["masks"][0])
     prior = problem["prior"]
     noise = _noise(10, 1)
-    r1 = solve(prior.eps, op, y, RedDiffConfig(num_steps=10), None, noise=noise)
+    r1 = solve(RedDiffConfig(num_steps=10), prior.eps, op, y, None, noise=noise)
     size = scan_jit._cache_size()
     other = prior.replace(mean=prior.mean + 0.1)
     cfg2 = RedDiffConfig(num_steps=10, lam=0.7, lr=0.3, obs_weight=2.0)
-    r2 = solve(other.eps, Mask(op.mask * 0 + 1), y * 0.5, cfg2, None, noise=noise)
-    r3 = solve(functools.partial(other.eps), op, y, cfg2, None, noise=noise)
+    r2 = solve(cfg2, other.eps, Mask(op.mask * 0 + 1), y * 0.5, None, noise=noise)
+    r3 = solve(cfg2, functools.partial(other.eps), op, y, None, noise=noise)
     assert scan_jit._cache_size() == size
-    assert not np.allclose(np.asarray(r1.mu), np.asarray(r2.mu))
-    assert not np.allclose(np.asarray(r2.mu), np.asarray(r3.mu))
+    assert not np.allclose(np.asarray(r1.state.mu), np.asarray(r2.state.mu))
+    assert not np.allclose(np.asarray(r2.state.mu), np.asarray(r3.state.mu))
 
 
 def test_step_pair_and_custom_optimizer(problem):
@@ -337,32 +360,33 @@ def test_step_pair_and_custom_optimizer(problem):
     state = solver.init(y)
     np.testing.assert_array_equal(np.asarray(state.mu), np.asarray(y))  # pinv of a mask
     noise = _noise(10, 2)
-    new, info = jax.jit(solver.step)(state, 900, noise[0])
-    grad = info.grad_reg + info.grad_obs
+    xt0 = {"xt": noise["xt"][0]}
+    new, out = jax.jit(solver.step)(state, _inp(900), xt0)
+    grad = out.extras["grad_reg"] + out.extras["grad_obs"]
     np.testing.assert_allclose(np.asarray(new.mu), np.asarray(state.mu - 10.0 * grad), atol=1e-6)
-    assert int(new.count) == 1 and info.loss_noise.shape == (2,)
+    assert int(new.count) == 1 and out.stats["loss_noise"].shape == (2,)
     with pytest.raises(ValueError, match="learning_rate"):
-        solver.init(y, lr=0.5)
-    res = solve(_toy_eps, op, y, cfg, None, noise=noise)
-    assert np.isfinite(np.asarray(res.mu)).all()
+        solver.init(y, {**cfg.hyperparams(), "lr": 0.5})
+    res = solve(cfg, _toy_eps, op, y, None, noise=noise)
+    assert np.isfinite(np.asarray(res.state.mu)).all()
     # the first step of solve is that step
     one_step = RedDiffConfig(num_steps=1, optimizer=cfg.optimizer)
-    first = solve(_toy_eps, op, y, one_step, None, noise=noise[:1])
-    by_hand = jax.jit(solver.step)(state, 0, noise[0])[0].mu
-    np.testing.assert_allclose(np.asarray(first.mu), np.asarray(by_hand), rtol=0, atol=1e-6)
+    first = solve(one_step, _toy_eps, op, y, None, noise={"xt": noise["xt"][:1]})
+    by_hand = jax.jit(solver.step)(state, _inp(0), xt0)[0].mu
+    np.testing.assert_allclose(np.asarray(first.state.mu), np.asarray(by_hand), rtol=0, atol=1e-6)
 
 
 def test_timestep_grid_and_init_array(problem):
     cfg = RedDiffConfig(num_steps=30, init=jnp.full(SHAPE, 0.3))
     op = Mask(jnp.asarray(problem["masks"][0]))
     y = jnp.asarray(problem["x"][:1] * problem["masks"][0])
-    res = solve(_toy_eps, op, y, cfg, None, noise=_noise(31, 1), trajectory=True)
+    res = solve(cfg, _toy_eps, op, y, None, noise=_noise(31, 1), trajectory=True)
     np.testing.assert_array_equal(np.asarray(res.ts), np.arange(0, 1000, 33)[::-1])
-    assert res.mu_trajectory.shape == (31, 1, *SHAPE) and res.loss.shape == (31,)
-    one = solve(_toy_eps, op, y, RedDiffConfig(num_steps=1, init=jnp.full(SHAPE, 0.3)), None,
+    assert res.trajectory["x"].shape == (31, 1, *SHAPE) and res.info["loss"].shape == (31,)
+    one = solve(RedDiffConfig(num_steps=1, init=jnp.full(SHAPE, 0.3)), _toy_eps, op, y, None,
                 noise=_noise(1, 1))  # fmt: skip
     assert int(one.ts[0]) == 0
-    np.testing.assert_array_equal(np.asarray(one.x0_pred), np.full((1, *SHAPE), 0.3, np.float32))
+    np.testing.assert_array_equal(np.asarray(one.x), np.full((1, *SHAPE), 0.3, np.float32))
 
 
 @pytest.mark.parametrize("name", ["linear", "sqrt", "square", "log", "trunc_linear",
@@ -401,19 +425,23 @@ def test_bad_inputs(problem):
     with pytest.raises(ValueError, match="init"):
         RedDiffConfig(init="random")
     with pytest.raises(ValueError, match=r"y: expected shape \[B, \*\(8, 8, 3\)\]"):
-        solve(eps_fn, op, y[:, :4], cfg, key)
+        solve(cfg, eps_fn, op, y[:, :4], key)
     with pytest.raises(ValueError, match=r"y\[None\]"):
-        solve(eps_fn, op, y[0], cfg, key)
+        solve(cfg, eps_fn, op, y[0], key)
     with pytest.raises(ValueError, match="y: expected finite"):
-        solve(eps_fn, op, y.at[0, 1, 1, 1].set(jnp.nan), cfg, key)
+        solve(cfg, eps_fn, op, y.at[0, 1, 1, 1].set(jnp.nan), key)
     with pytest.raises(ValueError, match="key"):
-        solve(eps_fn, op, y, cfg, None)
-    with pytest.raises(ValueError, match="noise: expected xt of shape"):
-        solve(eps_fn, op, y, cfg, None, noise=jnp.zeros((3, 1, *SHAPE)))
+        solve(cfg, eps_fn, op, y, None)
+    with pytest.raises(ValueError, match=r'noise\["xt"\]: expected shape'):
+        solve(cfg, eps_fn, op, y, None, noise={"xt": jnp.zeros((3, 1, *SHAPE))})
     with pytest.raises(ValueError, match="x0"):
-        solve(eps_fn, op, y, RedDiffConfig(num_steps=4, sigma_x0=0.1), None,
-              noise=jnp.zeros((4, 1, *SHAPE)))  # fmt: skip
+        solve(RedDiffConfig(num_steps=4, sigma_x0=0.1), eps_fn, op, y, None,
+              noise={"xt": jnp.zeros((4, 1, *SHAPE))})  # fmt: skip
     with pytest.raises(ValueError, match="eps_fn"):
-        solve(lambda x, t: x[..., :1], op, y, cfg, key)
+        solve(cfg, lambda x, t: x[..., :1], op, y, key)
     with pytest.raises(ValueError, match="lam"):
-        solve_many(eps_fn, op, jnp.concatenate([y, y]), cfg, key, lam=jnp.ones(3), op_axis=None)
+        solve_many(cfg, eps_fn, op, jnp.concatenate([y, y]), key, hyper={"lam": jnp.ones(3)},
+                   op_axis=None)  # fmt: skip
+    for name, value in (("lam", -0.1), ("lr", -1.0), ("obs_weight", float("inf"))):
+        with pytest.raises(ValueError, match=name):
+            RedDiffConfig(**{name: value})

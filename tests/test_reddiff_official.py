@@ -22,7 +22,8 @@ import numpy as np
 import pytest
 
 from reddiff_jax import operators
-from reddiff_jax.solvers import RedDiffConfig, reddiff, solve
+from reddiff_jax.solvers import RedDiffConfig, solve, step_inputs
+from reddiff_jax.solvers.reddiff import reddiff
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
 OFFICIAL = FIXTURES / "reddiff_official"
@@ -105,19 +106,21 @@ def test_teacher_forced_parity(name):
         y_clean_ref = _nhwc(z["y_clean_img"] if "y_clean_img" in z else z["y_clean"])
     np.testing.assert_allclose(np.asarray(y_clean), y_clean_ref, rtol=0, atol=1e-5)
 
-    noise = jnp.asarray(_nhwc(z["noise_xt"]))
-    res = solve(_teacher(case), op, y, config, None, noise=noise, trajectory=True)
+    noise = {"xt": jnp.asarray(_nhwc(z["noise_xt"]))}
+    res = solve(config, _teacher(case), op, y, None, noise=noise, trajectory=True)
     mu_after = _nhwc(z["mu_after"])
-    err = np.abs(np.asarray(res.mu_trajectory) - mu_after).max(axis=(1, 2, 3, 4))
+    err = np.abs(np.asarray(res.trajectory["x"]) - mu_after).max(axis=(1, 2, 3, 4))
     assert err.max() <= 1e-5, f"mu_after max abs error per step: {err}"
-    np.testing.assert_allclose(np.asarray(res.x0_pred), _nhwc(z["x0_pred"]), rtol=0, atol=1e-5)
-    np.testing.assert_allclose(np.asarray(res.mu), mu_after[-1], rtol=0, atol=1e-5)
-    np.testing.assert_allclose(np.asarray(res.w_t), z["w_t"], rtol=1e-6)
-    np.testing.assert_allclose(np.asarray(res.v_t), z["v_t"], rtol=0)
-    np.testing.assert_allclose(np.asarray(res.loss_obs)[:, 0], z["loss_obs"], rtol=1e-5, atol=1e-7)
-    np.testing.assert_allclose(np.asarray(res.loss_noise)[:, 0], z["loss_noise"], rtol=1e-5,
+    np.testing.assert_allclose(np.asarray(res.x), _nhwc(z["x0_pred"]), rtol=0, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(res.state.mu), mu_after[-1], rtol=0, atol=1e-5)
+    info = res.info
+    np.testing.assert_allclose(np.asarray(info["w_t"]), z["w_t"], rtol=1e-6)
+    np.testing.assert_allclose(np.asarray(info["v_t"]), z["v_t"], rtol=0)
+    np.testing.assert_allclose(np.asarray(info["loss_obs"])[:, 0], z["loss_obs"], rtol=1e-5,
                                atol=1e-7)  # fmt: skip
-    np.testing.assert_allclose(np.asarray(res.loss), z["loss"], rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(np.asarray(info["loss_noise"])[:, 0], z["loss_noise"], rtol=1e-5,
+                               atol=1e-7)  # fmt: skip
+    np.testing.assert_allclose(np.asarray(info["loss"]), z["loss"], rtol=1e-5, atol=1e-7)
 
 
 @pytest.mark.parametrize("name", ["reddiff_sr4", "reddiff_phase_retrieval"])
@@ -128,14 +131,17 @@ def test_teacher_forced_step_pair_gradient(name):
     solver = reddiff(_teacher(case), case["op"], config=case["config"])
     noise = jnp.asarray(_nhwc(z["noise_xt"]))
 
+    inputs = step_inputs(case["config"])
+    np.testing.assert_array_equal(np.asarray(inputs.t), z["ts"])
+
     @jax.jit
     def run(y):
         def body(state, xs):
-            t, n = xs
-            state, info = solver.step(state, t, n)
-            return state, info.grad_reg + info.grad_obs
+            inp, n = xs
+            state, out = solver.step(state, inp, {"xt": n})
+            return state, out.extras["grad_reg"] + out.extras["grad_obs"]
 
-        return jax.lax.scan(body, solver.init(y), (jnp.asarray(z["ts"], jnp.int32), noise))
+        return jax.lax.scan(body, solver.init(y), (inputs, noise))
 
     state, grads = run(case["y"])
     ref = _nhwc(z["grad"])
@@ -162,10 +168,10 @@ def test_free_running_parity(name, tiny_model):
     case = _case(name)
     z = case["z"]
     atol = FREE_RUNNING_ATOL.get(name, 5e-4)
-    noise = jnp.asarray(_nhwc(z["noise_xt"]))
+    noise = {"xt": jnp.asarray(_nhwc(z["noise_xt"]))}
     with jax.default_matmul_precision("highest"):
-        res = solve(tiny_model.eps, case["op"], case["y"], case["config"], None, noise=noise,
+        res = solve(case["config"], tiny_model.eps, case["op"], case["y"], None, noise=noise,
                     trajectory=True)  # fmt: skip
-    err = np.abs(np.asarray(res.mu_trajectory) - _nhwc(z["mu_after"])).max(axis=(1, 2, 3, 4))
+    err = np.abs(np.asarray(res.trajectory["x"]) - _nhwc(z["mu_after"])).max(axis=(1, 2, 3, 4))
     assert err.max() <= atol, f"mu_after max abs error per step: {err}"
-    np.testing.assert_allclose(np.asarray(res.x0_pred), _nhwc(z["x0_pred"]), rtol=0, atol=atol)
+    np.testing.assert_allclose(np.asarray(res.x), _nhwc(z["x0_pred"]), rtol=0, atol=atol)

@@ -193,7 +193,6 @@ def test_venv_loads_the_embedded_prior_by_name(installed):
     assert got == want  # same config, same parameter count, same float64 sum of |params|
 
 
-@pytest.mark.xfail(strict=False, reason="restore wiring pending")
 def test_venv_restore_demo_runs_from_an_empty_folder(installed):
     out = installed.empty / "out"
     cli = installed.scripts / ("reddiff-jax.exe" if os.name == "nt" else "reddiff-jax")

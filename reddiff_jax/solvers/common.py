@@ -7,7 +7,6 @@ Images are NHWC float32 in [-1, 1]. An operator ``op`` acts on ONE image ``x [H,
 
 from __future__ import annotations
 
-import enum
 import functools
 import types
 from typing import Any
@@ -17,30 +16,15 @@ import jax.numpy as jnp
 import numpy as np
 
 __all__ = [
-    "SolveStatus",
+    "check_key",
     "check_measurement",
     "image_shape_of",
     "is_concrete",
     "measurement_shape",
     "merge_static",
+    "require",
     "split_static",
 ]
-
-
-class SolveStatus(enum.IntEnum):
-    """Outcome of a solve; ``int(status)`` is what a result stores (vmap friendly)."""
-
-    SUCCESS = 0
-    NONFINITE = 1
-
-    @property
-    def message(self) -> str:
-        if self is SolveStatus.SUCCESS:
-            return "success"
-        return (
-            "a non-finite value (nan/inf) appeared in mu or the loss; lower the learning rate "
-            "(lr) or the regularisation weight (lam), or check the measurement y and the eps_fn"
-        )
 
 
 def is_concrete(*xs: Any) -> bool:
@@ -95,6 +79,51 @@ def check_measurement(op: Any, y: Any, *, name: str = "y") -> jnp.ndarray:
                 f"entries (first at index {tuple(int(i) for i in bad)})"
             )
     return jnp.asarray(y, jnp.float32)
+
+
+def check_key(key: Any, *, optional: bool = False, name: str = "key") -> jax.Array:
+    """A PRNG key (typed ``jax.random.key(seed)`` or raw uint32 [2]), or a TypeError naming it.
+
+    ``optional``: None is allowed (every draw is replayed) and a dummy key is returned.
+    """
+    if key is None:
+        if optional:
+            return jax.random.key(0)
+        raise ValueError(f"{name}: a PRNG key is required unless noise replays every draw")
+    typed = isinstance(key, jax.Array) and jnp.issubdtype(key.dtype, jax.dtypes.prng_key)
+    raw = (
+        isinstance(key, jax.Array | np.ndarray)
+        and key.dtype == np.uint32
+        and tuple(key.shape) == (2,)
+    )
+    if (typed and key.shape == ()) or raw:
+        return jnp.asarray(key) if raw else key
+    what = f"{type(key).__name__}"
+    if hasattr(key, "shape"):
+        what += f" of shape {tuple(key.shape)} and dtype {key.dtype}"
+    raise TypeError(
+        f"{name}: expected one jax PRNG key (jax.random.key(seed), or a legacy uint32[2] "
+        f"PRNGKey), got {what}"
+    )
+
+
+def require(op: Any, method: str, solver: str, why: str) -> None:
+    """TypeError unless ``op.<method>`` exists and works on one measurement (``A_dagger``) or
+    one image; probed abstractly with ``jax.eval_shape`` (nothing runs)."""
+    y_shape = measurement_shape(op)  # TypeError when op has no `A` / `image_shape`
+    fn = getattr(op, method, None)
+    detail = ""
+    if fn is not None and callable(fn):
+        arg_shape = y_shape if method == "A_dagger" else image_shape_of(op)
+        try:
+            jax.eval_shape(fn, jax.ShapeDtypeStruct(arg_shape, jnp.float32))
+            return
+        except NotImplementedError as err:
+            detail = f" ({err})"
+    raise TypeError(
+        f"op: {solver} needs an operator with `{method}` ({why}); "
+        f"{type(op).__name__} has none{detail}"
+    )
 
 
 # ------------------------------------------------------------------------------------------------

@@ -25,56 +25,51 @@ those zeros among its singulars and so treats them as "less noisy than y" when s
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 
-from reddiff_jax.solvers import common
-from reddiff_jax.solvers.ddim import (
-    SamplerResult,
-    _check_float,
-    _check_schedule,
-    _grid,
-    _init_noise,
-    _jit_solver,
-    _scan,
-    _solve_conditional,
-    _x0_eps,
+from reddiff_jax.solvers.base import (
+    Algorithm,
+    Solver,
+    SolverConfig,
+    StepInput,
+    first_alpha,
+    predict,
 )
+from reddiff_jax.solvers.ddim import SamplerState, sampler
 
-__all__ = ["Config", "DDRMConfig", "get_svd", "singular_values", "solve"]
+__all__ = ["ALGORITHM", "DDRMConfig", "ddrm", "get_svd", "singular_values"]
+
+Array = jax.Array
 
 
-@dataclasses.dataclass(frozen=True)
-class DDRMConfig:
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class DDRMConfig(SolverConfig):
     """DDRM hyper-parameters (defaults: the official ``_configs/algo/ddrm.yaml``).
 
     Attributes:
-      num_steps: N, grid ``range(0, T, T // N)`` visited descending (default 20: the DDRM
-        paper's 20 steps; the official batch scripts use 1000).
-      eta: η, noise of the unobserved / less-noisy components (default 0.85; scripts use 1.0).
+      num_steps: N (default 20: the DDRM paper's 20 steps; the official batch scripts use 1000).
+      eta: η in [0, 1], noise of the unobserved / less-noisy components (default 0.85; scripts
+        use 1.0).
       eta_b: η_b, weight of the measurement on the noisier-than-y components (default 1.0).
       sigma_y: the measurement's noise level in the official convention ``y = A x + 2 sigma_y n``
         (internally σ_y' = 2 sigma_y, as upstream); must match the data (default 0.0).
       schedule, num_timesteps: the diffusion schedule (official: ``"linear"``, 1000).
     """
 
+    HYPER = ("eta", "eta_b", "sigma_y")
+    BOUNDS = {"eta": (0.0, 1.0), "sigma_y": (0.0, None)}
+
     num_steps: int = 20
     eta: float = 0.85
     eta_b: float = 1.0
     sigma_y: float = 0.0
-    schedule: str = "linear"
-    num_timesteps: int = 1000
 
-    def __post_init__(self):
-        _check_schedule(self)
-        _check_float("eta", self.eta, 0.0, 1.0)
-        _check_float("eta_b", self.eta_b)
-        _check_float("sigma_y", self.sigma_y, 0.0)
-
-
-Config = DDRMConfig
+    def build(self, eps_fn: Callable, op: Any, *, alphas_cumprod: Array) -> Solver:
+        return ddrm(eps_fn, op, config=self, alphas_cumprod=alphas_cumprod)
 
 
 def get_svd(op: Any, solver: str = "DDRM") -> Any:
@@ -97,30 +92,41 @@ def singular_values(svd: Any) -> jnp.ndarray:
     return jnp.asarray(s, jnp.float32).reshape(-1)
 
 
-def _ddrm(eps_fn, op, y, key, noise, config, trajectory):
-    svd = op.svd
+def ddrm(eps_fn: Callable, op: Any, *, config: DDRMConfig, alphas_cumprod: Array) -> Solver:
+    """The DDRM :class:`Solver` on ``op.svd`` (no gradient through the network).
+
+    The ``"init"`` and ``"z"`` draws are spectral-domain noise (flattened to [B, n]).
+    """
+    svd = get_svd(op)
     s = singular_values(svd)  # [n]
     Vt, V, Ut = jax.vmap(svd.Vt), jax.vmap(svd.V), jax.vmap(svd.Ut)
-    B = y.shape[0]
     n = s.shape[0]
-    sig_y = 2.0 * config.sigma_y
-    eta, eta_b = config.eta, config.eta_b
-
-    Ut_y = Ut(y).astype(jnp.float32)  # [B, n]
     obs = s > 0
     s_safe = jnp.where(obs, s, 1.0)
-    y_bar = jnp.where(obs, Ut_y / s_safe, 0.0)  # Σ⁺Uᵀy
+    a_T = first_alpha(config, alphas_cumprod)
 
-    _, a_t, _ = _grid(config)
-    sig_T = jnp.sqrt(1.0 - a_t[0]) / jnp.sqrt(a_t[0])
-    large = obs & (s * sig_T > sig_y)
-    inv = jnp.where(large, sig_y / s_safe, 0.0)
-    n0 = _init_noise(key, noise, (B, *common.image_shape_of(op))).reshape(B, n)
-    remaining = jnp.sqrt(jnp.maximum(sig_T**2 - inv**2, 0.0))
-    x_init = V((jnp.where(large, y_bar, 0.0) + remaining * n0) / sig_T)
+    def spectral_y(y):
+        Ut_y = Ut(y).astype(jnp.float32)  # [B, n]
+        return Ut_y, jnp.where(obs, Ut_y / s_safe, 0.0)  # Uᵀy, Σ⁺Uᵀy
 
-    def step(x, t, a_t, a_s, z):
-        x0, eps = _x0_eps(eps_fn, x, t, a_t)
+    def init(y, hyper, draws):
+        B = y.shape[0]
+        _, y_bar = spectral_y(y)
+        sig_y = 2.0 * hyper["sigma_y"]
+        sig_T = jnp.sqrt(1.0 - a_T) / jnp.sqrt(a_T)
+        large = obs & (s * sig_T > sig_y)
+        inv = jnp.where(large, sig_y / s_safe, 0.0)
+        n0 = draws["init"].reshape(B, n)
+        remaining = jnp.sqrt(jnp.maximum(sig_T**2 - inv**2, 0.0))
+        return V((jnp.where(large, y_bar, 0.0) + remaining * n0) / sig_T)
+
+    def update(state: SamplerState, inp: StepInput, z: Array):
+        x, h = state.x, state.hyper
+        B = x.shape[0]
+        Ut_y, y_bar = spectral_y(state.y)
+        sig_y, eta, eta_b = 2.0 * h["sigma_y"], h["eta"], h["eta_b"]
+        x0, eps = predict(eps_fn, x, inp.t, inp.a_t)
+        a_s = inp.a_s
         sig_s = jnp.sqrt(1.0 - a_s) / jnp.sqrt(a_s)
         z = z.reshape(B, n)
         Vt_x0 = Vt(x0)
@@ -136,37 +142,15 @@ def _ddrm(eps_fn, op, y, key, noise, config, trajectory):
         nxt = jnp.where(is_before, before, jnp.where(is_after, after, missing))
         return jnp.sqrt(a_s) * V(nxt), x0, {}
 
-    return _scan(step, x_init, config, key, noise, trajectory=trajectory)
+    return sampler(init, update)
 
 
-_ddrm_jit = _jit_solver(_ddrm)
-
-
-def solve(
-    eps_fn: Any,
-    op: Any,
-    y: Any,
-    config: DDRMConfig,
-    key: jax.Array,
-    *,
-    noise: dict | None = None,
-    trajectory: bool = False,
-) -> SamplerResult:
-    """Restoration with DDRM (no gradient through the network; one network call per step).
-
-    Args:
-      eps_fn: ``eps_fn(x_t [B,H,W,C], t [B] int32) -> eps [B,H,W,C]``.
-      op: linear operator on one image [H, W, C] with the SVD capability ``op.svd``.
-      y: measurements [B, *y_shape], ``y = A x + 2 sigma_y n`` with ``config.sigma_y``.
-      config: a :class:`DDRMConfig`.
-      key: PRNG key (init and per-step noise unless ``noise`` is given).
-      noise: optional ``{"init": [B,H,W,C], "z": [K,B,H,W,C]}`` replacing the draws; both are
-        used as spectral-domain noise (flattened to [B, n]; component i takes entry i).
-      trajectory: also return per-step states ``xs`` and predictions ``x0s``.
-
-    Returns:
-      :class:`~reddiff_jax.solvers.ddim.SamplerResult`; ``x0_pred`` [B,H,W,C] is the final
-      state (at s = -1 it equals the last step's x̂0 on every component).
-    """
-    get_svd(op)
-    return _solve_conditional(_ddrm_jit, DDRMConfig, eps_fn, op, y, config, key, noise, trajectory)
+ALGORITHM = Algorithm(
+    name="ddrm",
+    title="DDRM",
+    config=DDRMConfig,
+    needs=("svd",),
+    task_defaults={"*": {"eta": 0.85, "eta_b": 1.0}},
+    shown=("eta", "eta_b"),
+    advice="check sigma_y against the measurement's noise",
+)

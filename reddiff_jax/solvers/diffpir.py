@@ -23,56 +23,52 @@ state fed to the last step); the DDIM ``eta`` of upstream (default 0) is not off
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 
-from reddiff_jax.solvers.ddim import (
-    SamplerResult,
-    _check_float,
-    _check_int,
-    _check_schedule,
-    _jit_solver,
-    _need,
-    _pinv_init,
-    _scan,
-    _solve_conditional,
-    _x0_eps,
+from reddiff_jax.solvers.base import (
+    Algorithm,
+    Solver,
+    SolverConfig,
+    StepInput,
+    first_alpha,
+    pinv_start,
+    predict,
 )
+from reddiff_jax.solvers.common import require
+from reddiff_jax.solvers.ddim import SamplerState, sampler
 from reddiff_jax.solvers.ddrm import get_svd, singular_values
 
-__all__ = ["PROX_MODES", "TASK_DEFAULTS", "Config", "DiffPIRConfig", "prox", "solve"]
+__all__ = ["ALGORITHM", "PROX_MODES", "DiffPIRConfig", "diffpir", "prox"]
+
+Array = jax.Array
 
 PROX_MODES = ("auto", "svd", "gradient")
 
-# Official settings (``yuanzhi-zhu/DiffPIR`` configs/*.yaml): inpainting lambda 1, zeta 1, 20
-# steps, noiseless; super-resolution and deblurring lambda 1, zeta 0.1, 100 steps,
-# noise_level_img 12.75/255 (sigma_y = 0.05).
-TASK_DEFAULTS = {
-    "inpaint": {"lam": 1.0, "zeta": 1.0, "num_steps": 20},
-    "sr": {"lam": 1.0, "zeta": 0.1, "num_steps": 100},
-    "blur": {"lam": 1.0, "zeta": 0.1, "num_steps": 100},
-}
 
-
-@dataclasses.dataclass(frozen=True)
-class DiffPIRConfig:
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class DiffPIRConfig(SolverConfig):
     """DiffPIR hyper-parameters (defaults: official ``configs/sisr.yaml`` / ``deblur.yaml``).
 
     Attributes:
-      num_steps: N, grid ``range(0, T, T // N)`` visited descending (default 100).
-      lam: λ, weight of the prior's proximal term (default 1.0).
-      zeta: ζ, share of fresh noise in the update (default 0.1; 1.0 for inpainting, see
-        :data:`TASK_DEFAULTS`).
+      num_steps: N (default 100).
+      lam: λ >= 0, weight of the prior's proximal term (default 1.0).
+      zeta: ζ in [0, 1], share of fresh noise in the update (default 0.1; 1.0 for inpainting).
       sigma_y: measurement noise level, ``y = A x + 2 sigma_y n`` (default 0.0; floored at 1e-3
         inside rho, as upstream).
       prox: ``"auto"`` (closed form when ``op.svd`` exists, gradient steps otherwise), ``"svd"``
         or ``"gradient"``.
       prox_steps: gradient steps of the proximal problem when no closed form is used (default 5).
-      prox_lr: their step, relative to ``1 / (2 (1 + rho))`` (default 1.0).
+      prox_lr: their step >= 0, relative to ``1 / (2 (1 + rho))`` (default 1.0).
       schedule, num_timesteps: the diffusion schedule (``"linear"``, 1000).
     """
+
+    HYPER = ("lam", "zeta", "sigma_y", "prox_lr")
+    BOUNDS = {"lam": (0.0, None), "zeta": (0.0, 1.0), "sigma_y": (0.0, None),
+              "prox_lr": (0.0, None)}  # fmt: skip
 
     num_steps: int = 100
     lam: float = 1.0
@@ -81,21 +77,20 @@ class DiffPIRConfig:
     prox: str = "auto"
     prox_steps: int = 5
     prox_lr: float = 1.0
-    schedule: str = "linear"
-    num_timesteps: int = 1000
 
-    def __post_init__(self):
-        _check_schedule(self)
-        _check_float("lam", self.lam, 0.0)
-        _check_float("zeta", self.zeta, 0.0, 1.0)
-        _check_float("sigma_y", self.sigma_y, 0.0)
+    def __post_init__(self) -> None:
+        super().__post_init__()
         if self.prox not in PROX_MODES:
             raise ValueError(f"prox: expected one of {PROX_MODES}, got {self.prox!r}")
-        _check_int("prox_steps", self.prox_steps, 1)
-        _check_float("prox_lr", self.prox_lr, 0.0)
+        if (
+            not isinstance(self.prox_steps, int)
+            or isinstance(self.prox_steps, bool)
+            or (self.prox_steps < 1)
+        ):
+            raise ValueError(f"prox_steps: expected an int >= 1, got {self.prox_steps!r}")
 
-
-Config = DiffPIRConfig
+    def build(self, eps_fn: Callable, op: Any, *, alphas_cumprod: Array) -> Solver:
+        return diffpir(eps_fn, op, config=self, alphas_cumprod=alphas_cumprod)
 
 
 def _prox_svd(op: Any, y: jnp.ndarray, x0: jnp.ndarray, rho) -> jnp.ndarray:
@@ -141,53 +136,42 @@ def prox(
     return _prox_gradient(op, y, x0, rho, steps=steps, lr=lr)
 
 
-def _diffpir(eps_fn, op, y, key, noise, config, trajectory):
-    x_init = _pinv_init(op, y, key, noise, config)
-    sig2 = max(config.sigma_y, 1e-3) ** 2
-
-    def step(x, t, a_t, a_s, z):
-        x0, _ = _x0_eps(eps_fn, x, t, a_t)
-        rho = config.lam * sig2 * a_t / (1.0 - a_t)
-        x0 = prox(op, y, x0, rho, mode=config.prox, steps=config.prox_steps, lr=config.prox_lr)
-        e = (x - jnp.sqrt(a_t) * x0) / jnp.sqrt(1.0 - a_t)
-        mix = jnp.sqrt(1.0 - config.zeta) * e + jnp.sqrt(config.zeta) * z
-        return jnp.sqrt(a_s) * x0 + jnp.sqrt(1.0 - a_s) * mix, x0, {}
-
-    return _scan(step, x_init, config, key, noise, trajectory=trajectory)
-
-
-_diffpir_jit = _jit_solver(_diffpir)
-
-
-def solve(
-    eps_fn: Any,
-    op: Any,
-    y: Any,
-    config: DiffPIRConfig,
-    key: jax.Array,
-    *,
-    noise: dict | None = None,
-    trajectory: bool = False,
-) -> SamplerResult:
-    """Restoration with DiffPIR (no gradient through the network; one network call per step).
-
-    Args:
-      eps_fn: ``eps_fn(x_t [B,H,W,C], t [B] int32) -> eps [B,H,W,C]``.
-      op: operator on one image [H, W, C] with ``A`` and ``A_dagger`` (init); ``op.svd`` for the
-        closed-form proximal step.
-      y: measurements [B, *y_shape].
-      config: a :class:`DiffPIRConfig`.
-      key: PRNG key (init and per-step noise unless ``noise`` is given).
-      noise: optional ``{"init": [B,H,W,C], "z": [K,B,H,W,C]}`` replacing the draws.
-      trajectory: also return per-step states ``xs`` and data-consistent predictions ``x0s``.
-
-    Returns:
-      :class:`~reddiff_jax.solvers.ddim.SamplerResult`; ``x0_pred`` [B,H,W,C] is the last step's
-      proximal x̂0.
-    """
-    _need(op, "A_dagger", "DiffPIR", "its init is sqrt(a_T) A_dagger(y) + sqrt(1 - a_T) n")
-    if isinstance(config, DiffPIRConfig) and config.prox == "svd":
+def diffpir(eps_fn: Callable, op: Any, *, config: DiffPIRConfig, alphas_cumprod: Array) -> Solver:
+    """The DiffPIR :class:`Solver` (no gradient through the network; one call per step)."""
+    require(op, "A_dagger", "DiffPIR", "its init is sqrt(a_T) A_dagger(y) + sqrt(1 - a_T) n")
+    if config.prox == "svd":
         get_svd(op, "DiffPIR (prox='svd')")
-    return _solve_conditional(
-        _diffpir_jit, DiffPIRConfig, eps_fn, op, y, config, key, noise, trajectory
-    )
+    a_T = first_alpha(config, alphas_cumprod)
+
+    def init(y, hyper, draws):
+        del hyper
+        return pinv_start(op, y, draws["init"], a_T)
+
+    def update(state: SamplerState, inp: StepInput, z: Array):
+        x, h, a_t = state.x, state.hyper, inp.a_t
+        x0, _ = predict(eps_fn, x, inp.t, a_t)
+        rho = h["lam"] * jnp.maximum(h["sigma_y"], 1e-3) ** 2 * a_t / (1.0 - a_t)
+        x0 = prox(op, state.y, x0, rho, mode=config.prox, steps=config.prox_steps,
+                  lr=h["prox_lr"])  # fmt: skip
+        e = (x - jnp.sqrt(a_t) * x0) / jnp.sqrt(1.0 - a_t)
+        mix = jnp.sqrt(1.0 - h["zeta"]) * e + jnp.sqrt(h["zeta"]) * z
+        return jnp.sqrt(inp.a_s) * x0 + jnp.sqrt(1.0 - inp.a_s) * mix, x0, {}
+
+    return sampler(init, update)
+
+
+ALGORITHM = Algorithm(
+    name="diffpir",
+    title="DiffPIR",
+    config=DiffPIRConfig,
+    needs=("A_dagger",),
+    # Official settings (yuanzhi-zhu/DiffPIR configs/*.yaml): inpainting λ 1, ζ 1 (20 steps,
+    # noiseless); super-resolution and deblurring λ 1, ζ 0.1 (100 steps, sigma_y = 0.05).
+    task_defaults={
+        "inpaint": {"lam": 1.0, "zeta": 1.0},
+        "sr": {"lam": 1.0, "zeta": 0.1},
+        "blur": {"lam": 1.0, "zeta": 0.1},
+    },
+    shown=("lam", "zeta"),
+    advice="raise lam or lower zeta",
+)

@@ -19,69 +19,59 @@ temporary memory); it only pays off together with per-block checkpointing inside
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 
 from reddiff_jax import diffusion
-from reddiff_jax.solvers.ddim import (
-    SamplerResult,
-    _check_float,
-    _check_schedule,
-    _jit_solver,
-    _need,
-    _pinv_init,
-    _scan,
-    _solve_conditional,
-    _x0_eps,
+from reddiff_jax.solvers.base import (
+    Algorithm,
+    Solver,
+    SolverConfig,
+    StepInput,
+    first_alpha,
+    pinv_start,
+    predict,
 )
+from reddiff_jax.solvers.common import require
+from reddiff_jax.solvers.ddim import SamplerState, sampler
 
-__all__ = ["ZETA_BY_TASK", "Config", "DPSConfig", "dps_update", "solve"]
+__all__ = ["ALGORITHM", "DPSConfig", "dps", "dps_update"]
 
-# Step sizes zeta the official scripts use per task (``sample_test.sh``; reference section 4).
-# The config default (0.1) is the official yaml's, whose comment says "0.1 for in2_20ff, 1.0 for
-# sr4"; the scripts then used the values below. deblur_gauss also sets eta = 1.0.
-ZETA_BY_TASK = {
-    "inpaint": 0.5,
-    "sr": 1.0,
-    "blur": 2.0,
-    "hdr": 0.1,
-    "phase_retrieval": 0.4,
-    "deblur_nl": 0.05,
-}
+Array = jax.Array
 
 
-@dataclasses.dataclass(frozen=True)
-class DPSConfig:
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class DPSConfig(SolverConfig):
     """DPS hyper-parameters (defaults: the official ``_configs/algo/dps.yaml``).
 
     Attributes:
-      num_steps: N, grid ``range(0, T, T // N)`` visited descending (default 50:
-        ``_configs/exp/default.yaml``; the paper batch runs use 1000).
-      zeta: step size ζ (official ``grad_term_weight``; default 0.1, see :data:`ZETA_BY_TASK`).
-      eta: DDIM stochasticity (default 0.0; the batch scripts use 1.0).
+      num_steps: N (default 50: ``_configs/exp/default.yaml``; the paper batch runs use 1000).
+      zeta: step size ζ >= 0 (official ``grad_term_weight``; default 0.1; per task see
+        :data:`ALGORITHM` ``.task_defaults``).
+      eta: DDIM stochasticity >= 0 (default 0.0; the batch scripts use 1.0).
       remat: ``jax.checkpoint`` the network (its forward is recomputed in the backward pass;
         same result up to float rounding; see the module docstring about memory).
       schedule, num_timesteps: the diffusion schedule (official: ``"linear"``, 1000).
     """
 
+    HYPER = ("zeta", "eta")
+    BOUNDS = {"zeta": (0.0, None), "eta": (0.0, None)}
+
     num_steps: int = 50
     zeta: float = 0.1
     eta: float = 0.0
     remat: bool = False
-    schedule: str = "linear"
-    num_timesteps: int = 1000
 
-    def __post_init__(self):
-        _check_schedule(self)
-        _check_float("zeta", self.zeta)
-        _check_float("eta", self.eta, 0.0)
+    def __post_init__(self) -> None:
+        super().__post_init__()
         if not isinstance(self.remat, bool):
             raise TypeError(f"remat: expected a bool, got {self.remat!r}")
 
-
-Config = DPSConfig
+    def build(self, eps_fn: Callable, op: Any, *, alphas_cumprod: Array) -> Solver:
+        return dps(eps_fn, op, config=self, alphas_cumprod=alphas_cumprod)
 
 
 def _batch_sq(v: jnp.ndarray) -> jnp.ndarray:
@@ -101,53 +91,49 @@ def dps_update(x0, eps, grad, residual_norm, a_t, a_s, z, *, zeta, eta):
     return x_s - coeff.reshape(-1, *([1] * (x0.ndim - 1))) * grad
 
 
-def _dps(eps_fn, op, y, key, noise, config, trajectory):
+def dps(eps_fn: Callable, op: Any, *, config: DPSConfig, alphas_cumprod: Array) -> Solver:
+    """The DPS :class:`Solver`; ``eps_fn`` is differentiated (one VJP per step)."""
+    require(op, "A_dagger", "DPS", "its init is sqrt(a_T) A_dagger(y) + sqrt(1 - a_T) n")
     net = jax.checkpoint(eps_fn) if config.remat else eps_fn
     A = jax.vmap(op.A)
-    x_init = _pinv_init(op, y, key, noise, config)
+    a_T = first_alpha(config, alphas_cumprod)
 
-    def step(x, t, a_t, a_s, z):
+    def init(y, hyper, draws):
+        del hyper
+        return pinv_start(op, y, draws["init"], a_T)
+
+    def update(state: SamplerState, inp: StepInput, z: Array):
         def loss(x):
-            x0, eps = _x0_eps(net, x, t, a_t)
-            r = y - A(x0)
+            x0, eps = predict(net, x, inp.t, inp.a_t)
+            r = state.y - A(x0)
             return jnp.sum(r**2), (x0, eps, r)
 
-        grad, (x0, eps, r) = jax.grad(loss, has_aux=True)(x)
+        grad, (x0, eps, r) = jax.grad(loss, has_aux=True)(state.x)
         norm = jnp.sqrt(_batch_sq(r))
-        x_s = dps_update(x0, eps, grad, norm, a_t, a_s, z, zeta=config.zeta, eta=config.eta)
+        h = state.hyper
+        x_s = dps_update(x0, eps, grad, norm, inp.a_t, inp.a_s, z, zeta=h["zeta"], eta=h["eta"])
         return x_s, x0, {"residual_norm": norm}
 
-    return _scan(step, x_init, config, key, noise, trajectory=trajectory)
+    return sampler(init, update)
 
 
-_dps_jit = _jit_solver(_dps)
-
-
-def solve(
-    eps_fn: Any,
-    op: Any,
-    y: Any,
-    config: DPSConfig,
-    key: jax.Array,
-    *,
-    noise: dict | None = None,
-    trajectory: bool = False,
-) -> SamplerResult:
-    """Posterior sampling with DPS.
-
-    Args:
-      eps_fn: ``eps_fn(x_t [B,H,W,C], t [B] int32) -> eps [B,H,W,C]``; it is differentiated.
-      op: operator on one image [H, W, C] with ``A`` and ``A_dagger`` (the init), linear or not.
-      y: measurements [B, *y_shape] (``y_shape`` = the shape of ``op.A`` of one image).
-      config: a :class:`DPSConfig`.
-      key: PRNG key (init noise and per-step z unless ``noise`` is given).
-      noise: optional ``{"init": [B,H,W,C], "z": [K,B,H,W,C]}`` replacing the draws
-        (K = ``ddim.num_iterations(config)``).
-      trajectory: also return per-step states ``xs`` and predictions ``x0s``.
-
-    Returns:
-      :class:`~reddiff_jax.solvers.ddim.SamplerResult`: ``x0_pred`` [B,H,W,C] is the final
-      sample; ``info["residual_norm"]`` [K, B] is ||y_b - A x̂0_b|| at each step.
-    """
-    _need(op, "A_dagger", "DPS", "its init is sqrt(a_T) A_dagger(y) + sqrt(1 - a_T) n")
-    return _solve_conditional(_dps_jit, DPSConfig, eps_fn, op, y, config, key, noise, trajectory)
+ALGORITHM = Algorithm(
+    name="dps",
+    title="DPS",
+    config=DPSConfig,
+    needs=("A_dagger",),
+    backprop=True,
+    # ζ per task from the official scripts (sample_test.sh; reference section 4). The config
+    # default 0.1 is the official yaml's; deblur_gauss also sets eta = 1.0.
+    task_defaults={
+        "*": {"eta": 0.0},
+        "inpaint": {"zeta": 0.5},
+        "sr": {"zeta": 1.0},
+        "blur": {"zeta": 2.0, "eta": 1.0},
+        "hdr": {"zeta": 0.1},
+        "phase_retrieval": {"zeta": 0.4},
+        "deblur_nl": {"zeta": 0.05},
+    },
+    shown=("zeta", "eta"),
+    advice="lower the step size (zeta)",
+)

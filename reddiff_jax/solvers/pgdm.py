@@ -19,60 +19,61 @@ The official ``hdr`` contrast term (``1500 std(x0)``) is not reproduced.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 
 from reddiff_jax import diffusion
-from reddiff_jax.solvers.ddim import (
-    SamplerResult,
-    _check_float,
-    _check_schedule,
-    _jit_solver,
-    _need,
-    _pinv_init,
-    _scan,
-    _solve_conditional,
-    _x0_eps,
+from reddiff_jax.solvers.base import (
+    Algorithm,
+    Solver,
+    SolverConfig,
+    StepInput,
+    first_alpha,
+    pinv_start,
+    predict,
 )
+from reddiff_jax.solvers.common import require
+from reddiff_jax.solvers.ddim import SamplerState, sampler
 
-__all__ = ["Config", "PGDMConfig", "pgdm_update", "solve"]
+__all__ = ["ALGORITHM", "PGDMConfig", "pgdm", "pgdm_update"]
+
+Array = jax.Array
 
 
-@dataclasses.dataclass(frozen=True)
-class PGDMConfig:
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class PGDMConfig(SolverConfig):
     """ΠGDM hyper-parameters (defaults: the official ``_configs/algo/pgdm.yaml``).
 
     Attributes:
-      num_steps: N, grid ``range(0, T, T // N)`` visited descending (default 50:
-        ``_configs/exp/default.yaml``; the official scripts use 100).
-      w: guidance weight (official ``grad_term_weight``, default 1.0).
-      eta: DDIM stochasticity (default 0.0; the official scripts use 1.0).
+      num_steps: N (default 50: ``_configs/exp/default.yaml``; the official scripts use 100).
+      w: guidance weight >= 0 (official ``grad_term_weight``, default 1.0).
+      eta: DDIM stochasticity >= 0 (default 0.0; the official scripts use 1.0).
       awd: the official ``awd`` flag (default True, as every official script).
       project: range-space replacement of x0 and of the gradient (see the module docstring);
         default False (the official code does it for inpainting ``in2`` tasks only).
       schedule, num_timesteps: the diffusion schedule (official: ``"linear"``, 1000).
     """
 
+    HYPER = ("w", "eta")
+    BOUNDS = {"w": (0.0, None), "eta": (0.0, None)}
+
     num_steps: int = 50
     w: float = 1.0
     eta: float = 0.0
     awd: bool = True
     project: bool = False
-    schedule: str = "linear"
-    num_timesteps: int = 1000
 
-    def __post_init__(self):
-        _check_schedule(self)
-        _check_float("w", self.w)
-        _check_float("eta", self.eta, 0.0)
+    def __post_init__(self) -> None:
+        super().__post_init__()
         for name in ("awd", "project"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"{name}: expected a bool, got {getattr(self, name)!r}")
 
-
-Config = PGDMConfig
+    def build(self, eps_fn: Callable, op: Any, *, alphas_cumprod: Array) -> Solver:
+        return pgdm(eps_fn, op, config=self, alphas_cumprod=alphas_cumprod)
 
 
 def pgdm_update(x0, eps, grad, a_t, a_s, z, *, w, eta, awd=True, x_t=None):
@@ -89,56 +90,43 @@ def pgdm_update(x0, eps, grad, a_t, a_s, z, *, w, eta, awd=True, x_t=None):
     return diffusion.ddim_step(x0, eps, a_t, a_s, eta=eta, z=z) + coeff * grad
 
 
-def _pgdm(eps_fn, op, y, key, noise, config, trajectory):
+def pgdm(eps_fn: Callable, op: Any, *, config: PGDMConfig, alphas_cumprod: Array) -> Solver:
+    """The ΠGDM :class:`Solver`: one VJP through ``eps_fn`` per step."""
+    require(op, "A_dagger", "PGDM", "the guidance uses the pseudo-inverse residual A⁺y - A⁺A x0")
     A = jax.vmap(op.A)
     A_dag = jax.vmap(op.A_dagger)
-    y_dag = A_dag(y).astype(jnp.float32)
-    x_init = _pinv_init(op, y, key, noise, config)
+    a_T = first_alpha(config, alphas_cumprod)
 
-    def step(x, t, a_t, a_s, z):
-        x0, vjp_fn, eps = jax.vjp(lambda v: _x0_eps(eps_fn, v, t, a_t), x, has_aux=True)
+    def init(y, hyper, draws):
+        del hyper
+        return pinv_start(op, y, draws["init"], a_T)
+
+    def update(state: SamplerState, inp: StepInput, z: Array):
+        x = state.x
+        y_dag = A_dag(state.y).astype(jnp.float32)
+        x0, vjp_fn, eps = jax.vjp(lambda v: predict(eps_fn, v, inp.t, inp.a_t), x, has_aux=True)
         residual = y_dag - A_dag(A(x0))
         (grad,) = vjp_fn(residual.astype(x0.dtype))
         if config.project:
             x0 = x0 - A_dag(A(x0)) + y_dag
             grad = grad - A_dag(A(grad))
-        x_s = pgdm_update(
-            x0, eps, grad, a_t, a_s, z, w=config.w, eta=config.eta, awd=config.awd, x_t=x
-        )
+        h = state.hyper
+        x_s = pgdm_update(x0, eps, grad, inp.a_t, inp.a_s, z, w=h["w"], eta=h["eta"],
+                          awd=config.awd, x_t=x)  # fmt: skip
         norm = jnp.sqrt(jnp.sum(residual.reshape(x.shape[0], -1) ** 2, axis=1))
         return x_s, x0, {"residual_norm": norm}
 
-    return _scan(step, x_init, config, key, noise, trajectory=trajectory)
+    return sampler(init, update)
 
 
-_pgdm_jit = _jit_solver(_pgdm)
-
-
-def solve(
-    eps_fn: Any,
-    op: Any,
-    y: Any,
-    config: PGDMConfig,
-    key: jax.Array,
-    *,
-    noise: dict | None = None,
-    trajectory: bool = False,
-) -> SamplerResult:
-    """Posterior sampling with ΠGDM.
-
-    Args:
-      eps_fn: ``eps_fn(x_t [B,H,W,C], t [B] int32) -> eps [B,H,W,C]``; one VJP per step.
-      op: operator on one image [H, W, C] with ``A`` and a pseudo-inverse ``A_dagger``.
-      y: measurements [B, *y_shape].
-      config: a :class:`PGDMConfig`.
-      key: PRNG key (init noise and per-step z unless ``noise`` is given).
-      noise: optional ``{"init": [B,H,W,C], "z": [K,B,H,W,C]}`` replacing the draws
-        (K = ``ddim.num_iterations(config)``).
-      trajectory: also return per-step states ``xs`` and predictions ``x0s``.
-
-    Returns:
-      :class:`~reddiff_jax.solvers.ddim.SamplerResult`: ``x0_pred`` [B,H,W,C] is the final
-      sample; ``info["residual_norm"]`` [K, B] is ||A⁺y - A⁺A x̂0|| per step.
-    """
-    _need(op, "A_dagger", "PGDM", "the guidance uses the pseudo-inverse residual A⁺y - A⁺A x0")
-    return _solve_conditional(_pgdm_jit, PGDMConfig, eps_fn, op, y, config, key, noise, trajectory)
+ALGORITHM = Algorithm(
+    name="pgdm",
+    title="ΠGDM",
+    config=PGDMConfig,
+    needs=("A_dagger",),
+    backprop=True,
+    # Official scripts: w 1, eta 1.0; inpainting replaces the observed pixels (project).
+    task_defaults={"*": {"w": 1.0, "eta": 1.0}, "inpaint": {"project": True}},
+    shown=("w", "eta"),
+    advice="lower the guidance weight (w)",
+)

@@ -1,0 +1,536 @@
+"""The one driver of every algorithm: ``solve`` (a batch), ``solve_many`` (vmapped) and ``sample``.
+
+A solve is ``Solver.init`` then one ``lax.scan`` of ``Solver.step`` over the descending timestep
+grid, under ``jit``; it returns a :class:`Solution`. The compiled program is cached per
+(algorithm, static settings, eps_fn and operator structure, shapes): hyper-parameters, network
+weights, operator arrays, ``y`` and the key are traced arguments, so new values never recompile.
+
+Per image and step the driver checks the iterate: a non-finite value or ``|x| > max_abs`` marks
+that image (``status``, ``failed_step``); ``throw=True`` then raises :class:`SolveError` naming
+the images and the step, ``throw=False`` returns the status (which survives ``vmap``).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping
+from typing import Any, NamedTuple
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from reddiff_jax.solvers import registry
+from reddiff_jax.solvers.base import (
+    SolveError,
+    SolverConfig,
+    SolveStatus,
+    StepInput,
+    padded_alphas,
+    schedule_of,
+)
+from reddiff_jax.solvers.common import (
+    check_key,
+    check_measurement,
+    image_shape_of,
+    is_concrete,
+    merge_static,
+    split_static,
+)
+
+__all__ = ["MAX_ABS", "Solution", "sample", "solve", "solve_many"]
+
+Array = jax.Array
+MAX_ABS = 1e3  # images live in [-1, 1]; an iterate beyond this has diverged
+
+
+@flax.struct.dataclass
+class Solution:
+    """What a solve returns (a pytree; :func:`solve_many` adds a leading [M] axis, no batch axis).
+
+    Attributes:
+      x: [B, H, W, C] the restored image (RED-Diff: the last step's x0 before its update, as
+        the official code returns; the samplers: the state after the last step).
+      state: the algorithm's final state (e.g. ``RedDiffState.mu``).
+      info: per-step diagnostics stacked over the K steps, each [K] or [K, B].
+      ts: [K] int32 timesteps visited.
+      status: [B] int32 :class:`SolveStatus` per image.
+      failed_step: [B] int32 first step at which the image failed, -1 if none.
+      trajectory: with ``trajectory=True``, ``{"x": [K, B, H, W, C] iterate after each step,
+        "x0": [K, B, H, W, C] the step's x̂0}``; else None.
+    """
+
+    x: Array
+    state: Any
+    info: dict
+    ts: Array
+    status: Array
+    failed_step: Array
+    trajectory: dict | None = None
+
+    @property
+    def ok(self) -> Array:
+        """True where the image's solve stayed finite and bounded."""
+        return self.status == SolveStatus.SUCCESS
+
+
+class _Statics(NamedTuple):
+    config: SolverConfig  # hyper-parameters zeroed
+    eps: Any
+    op: Any
+    x_shape: tuple[int, ...]
+    trajectory: bool
+
+
+class _Carry(NamedTuple):
+    state: Any
+    failed_step: Array  # [B] int32
+    reason: Array  # [B] int32 SolveStatus of the first failure
+
+
+def _build(statics: _Statics, dyn: dict):
+    eps_fn = merge_static(statics.eps, dyn["eps"])
+    op = None if statics.op is None else merge_static(statics.op, dyn["op"])
+    return statics.config.build(eps_fn, op, alphas_cumprod=dyn["alphas"])
+
+
+def _init_core(statics: _Statics, dyn: dict, y, hyper, key, noise) -> _Carry:
+    solver = _build(statics, dyn)
+    draws = solver.draw_init(key, statics.x_shape) if noise is None else noise
+    state = solver.init(y, hyper, draws)
+    batch = statics.x_shape[0]
+    return _Carry(state, jnp.full((batch,), -1, jnp.int32), jnp.zeros((batch,), jnp.int32))
+
+
+def _image_status(out, max_abs: Array) -> Array:
+    """[B] SolveStatus of the iterate ``out.x`` and the step's per-image stats."""
+    x = out.x
+    axes = tuple(range(1, x.ndim))
+    finite = jnp.all(jnp.isfinite(x), axis=axes)
+    for v in out.stats.values():
+        if v.shape == x.shape[:1]:
+            finite = finite & jnp.isfinite(v)
+    big = jnp.max(jnp.abs(jnp.where(jnp.isfinite(x), x, 0.0)), axis=axes) > max_abs
+    return jnp.where(~finite, SolveStatus.NONFINITE, jnp.where(big, SolveStatus.DIVERGED, 0))
+
+
+def _chunk_core(statics: _Statics, dyn: dict, key, carry: _Carry, ks, ts, ss, noise):
+    solver = _build(statics, dyn)
+    pad = padded_alphas(dyn["alphas"])
+
+    def body(c: _Carry, xs):
+        k, t, s, nz = xs
+        draws = solver.draw_step(key, k, statics.x_shape) if nz is None else nz
+        state, out = solver.step(c.state, StepInput(k, t, pad[t + 1], pad[s + 1]), draws)
+        code = _image_status(out, dyn["max_abs"]).astype(jnp.int32)
+        new = (c.failed_step < 0) & (code != SolveStatus.SUCCESS)
+        failed = jnp.where(new, k, c.failed_step)
+        reason = jnp.where(new, code, c.reason)
+        rec = {"info": out.stats}
+        if statics.trajectory:
+            rec["trajectory"] = {"x": out.x, "x0": out.x0}
+        return _Carry(state, failed, reason), rec
+
+    return jax.lax.scan(body, carry, (ks, ts, ss, noise))
+
+
+def _finish_core(statics: _Statics, dyn: dict, carry: _Carry, recs: dict, ts) -> Solution:
+    solver = _build(statics, dyn)
+    failed = carry.failed_step
+    return Solution(
+        x=solver.output(carry.state),
+        state=carry.state,
+        info=recs["info"],
+        ts=jnp.asarray(ts, jnp.int32),
+        status=jnp.where(failed < 0, SolveStatus.SUCCESS, carry.reason).astype(jnp.int32),
+        failed_step=failed,
+        trajectory=recs.get("trajectory"),
+    )
+
+
+def _solve_core(statics, dyn, y, hyper, key, noise, ts, ss) -> Solution:
+    init_noise, step_noise = (None, None) if noise is None else noise
+    carry = _init_core(statics, dyn, y, hyper, key, init_noise)
+    ks = jnp.arange(ts.shape[0], dtype=jnp.int32)
+    carry, recs = _chunk_core(statics, dyn, key, carry, ks, ts, ss, step_noise)
+    return _finish_core(statics, dyn, carry, recs, ts)
+
+
+_init_jit = jax.jit(_init_core, static_argnums=0)
+_chunk_jit = jax.jit(_chunk_core, static_argnums=0)
+_finish_jit = jax.jit(_finish_core, static_argnums=0)
+
+
+# ------------------------------------------------------------------------------------------------
+# argument handling
+
+
+def _check_config(config: Any) -> SolverConfig:
+    if not isinstance(config, SolverConfig):
+        names = ", ".join(a.config.__name__ for a in registry.ALGORITHMS.values())
+        raise TypeError(f"config: expected an algorithm config ({names}), got {config!r:.80}")
+    return config
+
+
+def _check_eps_fn(eps_fn: Any) -> None:
+    if not callable(eps_fn):
+        raise TypeError(
+            f"eps_fn: expected a callable eps_fn(x_t [B,H,W,C], t [B] int32) -> eps [B,H,W,C], "
+            f"got {type(eps_fn).__name__}"
+        )
+
+
+def _grid(config: SolverConfig) -> tuple[np.ndarray, np.ndarray]:
+    ts = config.timesteps()
+    return ts, np.concatenate([ts[1:], [-1]]).astype(np.int32)
+
+
+def _check_noise(noise: Any, solver, x_shape: tuple, num: int, *, lead: tuple = ()) -> Any:
+    """A replayed-noise dict -> (init draws, step draws), float32; None stays None.
+
+    Expected: every name of ``solver.init_draws`` with shape ``[*lead, *x_shape]`` and every
+    name of ``solver.step_draws`` with shape ``[*lead, K, *x_shape]``.
+    """
+    if noise is None:
+        return None
+    want = {n: (*lead, *x_shape) for n in solver.init_draws}
+    want.update({n: (*lead, num, *x_shape) for n in solver.step_draws})
+    if not isinstance(noise, Mapping) or set(noise) != set(want):
+        got = sorted(noise) if isinstance(noise, Mapping) else type(noise).__name__
+        raise ValueError(f"noise: expected a dict with keys {sorted(want)}, got {got}")
+    out = {}
+    for name, shape in want.items():
+        v = noise[name]
+        if not hasattr(v, "shape") or tuple(v.shape) != shape:
+            got = tuple(v.shape) if hasattr(v, "shape") else type(v).__name__
+            raise ValueError(f'noise["{name}"]: expected shape {shape}, got {got}')
+        if is_concrete(v) and not bool(np.all(np.isfinite(np.asarray(v)))):
+            raise ValueError(f'noise["{name}"]: expected finite values')
+        out[name] = jnp.asarray(v, jnp.float32)
+    return {n: out[n] for n in solver.init_draws}, {n: out[n] for n in solver.step_draws}
+
+
+def _progress_chunks(num: int, progress: Any) -> list[tuple[int, int]]:
+    if progress is False or progress is None:
+        return [(0, num)]
+    if progress is True or hasattr(progress, "update"):
+        size = max(1, math.ceil(num / 20))
+    elif isinstance(progress, int) and progress >= 1:
+        size = int(progress)
+    else:
+        raise ValueError(
+            f"progress: expected a bool, a chunk size >= 1 or a bar with update(n), got "
+            f"{progress!r}"
+        )
+    return [(s, min(s + size, num)) for s in range(0, num, size)]
+
+
+def _prepare(config, eps_fn, op, y, key, noise, alphas_cumprod, max_abs, x_shape):
+    """Checks and the static/dynamic split shared by solve and sample."""
+    ac = schedule_of(config, alphas_cumprod)
+    solver = config.build(eps_fn, op, alphas_cumprod=ac)  # capability errors surface here
+    noise = _check_noise(noise, solver, x_shape, config.num_iterations)
+    key = check_key(key, optional=noise is not None)
+    eps_static, eps_dyn = split_static(eps_fn)
+    op_static, op_dyn = (None, None) if op is None else split_static(op)
+    dyn = {"eps": eps_dyn, "op": op_dyn, "alphas": ac, "max_abs": _max_abs(max_abs)}
+    return eps_static, op_static, dyn, noise, key
+
+
+def _max_abs(max_abs: float | None) -> Array:
+    if max_abs is None:
+        return jnp.asarray(jnp.inf, jnp.float32)
+    if not isinstance(max_abs, int | float) or not max_abs > 0:
+        raise ValueError(f"max_abs: expected a positive float or None, got {max_abs!r}")
+    return jnp.asarray(max_abs, jnp.float32)
+
+
+def _run(statics, dyn, y, hyper, key, noise, progress) -> Solution:
+    ts, ss = _grid(statics.config)
+    chunks = _progress_chunks(len(ts), progress)
+    if len(chunks) == 1 and not progress:
+        carry = _init_jit(statics, dyn, y, hyper, key, None if noise is None else noise[0])
+        ks = np.arange(len(ts), dtype=np.int32)
+        step_noise = None if noise is None else noise[1]
+        carry, recs = _chunk_jit(statics, dyn, key, carry, ks, ts, ss, step_noise)
+        return _finish_jit(statics, dyn, carry, recs, ts)
+    bar, own = progress, False
+    if not hasattr(progress, "update"):
+        from tqdm.auto import tqdm
+
+        title = registry.lookup(statics.config).title
+        bar, own = tqdm(total=len(ts), desc=title, unit="step"), True
+    carry = _init_jit(statics, dyn, y, hyper, key, None if noise is None else noise[0])
+    pieces = []
+    try:
+        for start, stop in chunks:
+            nz = None if noise is None else {n: v[start:stop] for n, v in noise[1].items()}
+            ks = np.arange(start, stop, dtype=np.int32)
+            carry, recs = _chunk_jit(
+                statics, dyn, key, carry, ks, ts[start:stop], ss[start:stop], nz
+            )
+            pieces.append(recs)
+            jax.block_until_ready(carry)
+            bar.update(stop - start)
+    finally:
+        if own:
+            bar.close()
+    recs = jax.tree_util.tree_map(lambda *v: jnp.concatenate(v, axis=0), *pieces)
+    return _finish_jit(statics, dyn, carry, recs, ts)
+
+
+def _raise_failures(config: SolverConfig, status: Any, failed: Any, what: str) -> None:
+    status, failed = np.asarray(status).reshape(-1), np.asarray(failed).reshape(-1)
+    bad = np.flatnonzero(status != SolveStatus.SUCCESS)
+    if not bad.size:
+        return
+    algo = registry.lookup(config)
+    i = int(bad[0])
+    ts = config.timesteps()
+    step = int(failed[i])
+    raise SolveError(
+        f"{algo.title}: {what} {i} ({bad.size} of {status.size} failed: {bad.tolist()[:20]}): "
+        f"{SolveStatus(int(status[i])).message} at step {step} (t = {int(ts[step])}); "
+        f"{algo.advice}, or check the measurement y and the eps_fn. Pass throw=False to get "
+        f"the result with its per-image status instead."
+    )
+
+
+def _check_solution(config: SolverConfig, sol: Solution, what: str) -> None:
+    if is_concrete(sol.status):
+        _raise_failures(config, sol.status, sol.failed_step, what)
+        return
+
+    def callback(status, failed):
+        _raise_failures(config, status, failed, what)
+
+    jax.debug.callback(callback, sol.status, sol.failed_step)
+
+
+# ------------------------------------------------------------------------------------------------
+# public entry points
+
+
+def solve(
+    config: SolverConfig,
+    eps_fn: Callable[[Array, Array], Array],
+    op: Any,
+    y: Array,
+    key: Array | None,
+    *,
+    noise: Mapping[str, Array] | None = None,
+    alphas_cumprod: Array | None = None,
+    trajectory: bool = False,
+    progress: Any = False,
+    throw: bool = True,
+    max_abs: float | None = MAX_ABS,
+) -> Solution:
+    """Solves the inverse problem ``y = A(x) + noise`` for a batch with the algorithm ``config``.
+
+    Main arguments:
+      config: an algorithm config (:class:`RedDiffConfig`, :class:`DPSConfig`, ...).
+      eps_fn: ``eps_fn(x_t [B, H, W, C], t [B] int32) -> eps [B, H, W, C]`` (e.g.
+        ``model.eps``). A bound method or ``functools.partial`` of pytrees keeps its arrays as
+        traced arguments (never baked into the program as constants).
+      op: operator on one image [H, W, C] (``op.A``; ``A_dagger`` / ``svd`` as the algorithm
+        needs), shared by the batch.
+      y: measurements [B, *y_shape] float32 (``y_shape`` = shape of ``op.A`` of one image).
+      key: PRNG key of every random draw; None only when ``noise`` replays them all.
+
+    Other arguments:
+      noise: replays the draws: a dict with the algorithm's init draws [B, H, W, C] (samplers:
+        ``"init"``) and step draws [K, B, H, W, C] (samplers: ``"z"``; RED-Diff: ``"xt"``, and
+        ``"x0"`` when ``sigma_x0 > 0``).
+      alphas_cumprod: ᾱ [T] (default: the config's schedule).
+      trajectory: also return the iterate and x̂0 after every step (memory K x the batch).
+      progress: True (or a chunk size in steps, or a tqdm-like bar with ``update(n)``) runs the
+        scan in chunks and reports after each; the result is identical to ``progress=False``.
+      throw: raise :class:`SolveError` naming the images and step when an image becomes
+        non-finite or leaves ``|x| <= max_abs``; False returns them in ``status`` instead (use
+        False under an outer ``jit``/``vmap``).
+      max_abs: the divergence bound (None: only non-finite values fail).
+
+    Returns:
+      A :class:`Solution`; ``solution.x`` [B, H, W, C] is the restored batch.
+    """
+    config = _check_config(config)
+    _check_eps_fn(eps_fn)
+    y = check_measurement(op, y)
+    x_shape = (y.shape[0], *image_shape_of(op))
+    eps_s, op_s, dyn, noise, key = _prepare(
+        config, eps_fn, op, y, key, noise, alphas_cumprod, max_abs, x_shape
+    )
+    statics = _Statics(config.static(), eps_s, op_s, x_shape, bool(trajectory))
+    sol = _run(statics, dyn, y, config.hyperparams(), key, noise, progress)
+    if throw:
+        _check_solution(config, sol, "image")
+    return sol
+
+
+def sample(
+    config: SolverConfig,
+    eps_fn: Callable[[Array, Array], Array],
+    shape: tuple[int, int, int, int],
+    key: Array | None,
+    *,
+    noise: Mapping[str, Array] | None = None,
+    alphas_cumprod: Array | None = None,
+    trajectory: bool = False,
+    progress: Any = False,
+    throw: bool = True,
+    max_abs: float | None = MAX_ABS,
+) -> Solution:
+    """Draws ``B`` images from the prior with an unconditional algorithm (:class:`DDIMConfig`).
+
+    ``shape`` is (B, H, W, C); the other arguments are those of :func:`solve`.
+    """
+    config = _check_config(config)
+    if registry.lookup(config).conditional:
+        raise TypeError(f"config: {type(config).__name__} needs a measurement; use solve()")
+    _check_eps_fn(eps_fn)
+    shape = tuple(shape)
+    if len(shape) != 4 or not all(isinstance(s, int | np.integer) and s > 0 for s in shape):
+        raise ValueError(f"shape: expected (B, H, W, C) positive ints, got {shape!r}")
+    x_shape = tuple(int(s) for s in shape)
+    eps_s, _, dyn, noise, key = _prepare(
+        config, eps_fn, None, None, key, noise, alphas_cumprod, max_abs, x_shape
+    )
+    statics = _Statics(config.static(), eps_s, None, x_shape, bool(trajectory))
+    sol = _run(statics, dyn, None, config.hyperparams(), key, noise, progress)
+    if throw:
+        _check_solution(config, sol, "sample")
+    return sol
+
+
+def _per_measurement(hyper: Mapping[str, Any] | None, config: SolverConfig, num: int):
+    """-> (hyper dict, vmap axes dict): config values, overridden by scalars or [M] arrays."""
+    values = config.hyperparams()
+    axes = {n: None for n in values}
+    for name, v in (hyper or {}).items():
+        if name not in values:
+            raise ValueError(
+                f"hyper: {type(config).__name__} has no hyper-parameter {name!r}; "
+                f"expected one of {sorted(values)}"
+            )
+        arr, base = jnp.asarray(v, jnp.float32), values[name].shape
+        if arr.shape == base:
+            values[name] = arr
+        elif arr.shape == (num, *base):
+            values[name], axes[name] = arr, 0
+        else:
+            raise ValueError(
+                f"hyper[{name!r}]: expected shape {base} (shared) or {(num, *base)} (one per "
+                f"measurement), got {arr.shape}"
+            )
+    return values, axes
+
+
+def _many_core(statics, op_axis, dyn, ys, keys, hyper, hyper_axes, noise, ts, ss):
+    def one(op_dyn, y, key, h, nz):
+        if nz is not None:  # one measurement's draws -> a batch of one
+            nz = (
+                {n: v[None] for n, v in nz[0].items()},
+                {n: v[:, None] for n, v in nz[1].items()},
+            )
+        sol = _solve_core(statics, {**dyn, "op": op_dyn}, y[None], h, key, nz, ts, ss)
+        info = {n: v[:, 0] if v.ndim == 2 else v for n, v in sol.info.items()}
+        traj = sol.trajectory
+        traj = None if traj is None else {n: v[:, 0] for n, v in traj.items()}
+        return sol.replace(
+            x=sol.x[0],
+            info=info,
+            status=sol.status[0],
+            failed_step=sol.failed_step[0],
+            trajectory=traj,
+        )
+
+    noise_axis = None if noise is None else 0
+    axes = (op_axis, 0, 0, dict(hyper_axes), noise_axis)
+    return jax.vmap(one, in_axes=axes)(dyn["op"], ys, keys, hyper, noise)
+
+
+_many_jit = jax.jit(_many_core, static_argnums=(0, 1, 6))
+
+
+def _split_keys(keys: Any, num: int, optional: bool) -> Array:
+    if keys is None:
+        check_key(None, optional=optional, name="keys")
+        return jax.random.split(jax.random.key(0), num)  # unused: every draw is replayed
+    if not hasattr(keys, "dtype"):
+        raise TypeError(f"keys: expected jax PRNG keys, got {keys!r:.80}")
+    typed = jnp.issubdtype(keys.dtype, jax.dtypes.prng_key)
+    if keys.ndim == (0 if typed else 1):
+        return jax.random.split(check_key(keys, name="keys"), num)
+    if keys.shape[0] != num:
+        raise ValueError(f"keys: expected {num} keys (one per measurement), got {keys.shape}")
+    return keys
+
+
+def solve_many(
+    config: SolverConfig,
+    eps_fn: Callable[[Array, Array], Array],
+    ops: Any,
+    ys: Array,
+    keys: Array | None,
+    *,
+    hyper: Mapping[str, Any] | None = None,
+    op_axis: int | None = 0,
+    noise: Mapping[str, Array] | None = None,
+    alphas_cumprod: Array | None = None,
+    trajectory: bool = False,
+    throw: bool = True,
+    max_abs: float | None = MAX_ABS,
+) -> Solution:
+    """Many independent measurements in one compiled call (``vmap`` of :func:`solve`).
+
+    Measurement m is solved as ``solve(config_m, eps_fn, op_m, ys[m][None], keys[m])``: a batch
+    of one, so no reduction couples two measurements.
+
+    Args:
+      config, eps_fn, alphas_cumprod, trajectory, throw, max_abs: as in :func:`solve`.
+      ops: one operator shared by all (``op_axis=None``) or operators stacked along a leading
+        axis of every array leaf (``op_axis=0``), so each measurement may have its own mask.
+      ys: measurements [M, *y_shape].
+      keys: M keys, or one key split into M; None only with ``noise``.
+      hyper: hyper-parameter name -> a scalar or an [M] array (a sweep: ``{"lam": lams}``);
+        the others keep the config's values. Never recompiles for new values.
+      noise: replayed draws per measurement: init draws [M, H, W, C], step draws
+        [M, K, H, W, C].
+
+    Returns:
+      A :class:`Solution` with a leading [M] axis and no batch axis: ``x`` [M, H, W, C],
+      ``info`` entries [M, K], ``status``/``failed_step`` [M]; ``state`` keeps a batch of one.
+    """
+    config = _check_config(config)
+    _check_eps_fn(eps_fn)
+    if op_axis not in (0, None):
+        raise ValueError(f"op_axis: expected 0 (stacked operators) or None (shared), got {op_axis}")
+    one_op = ops if op_axis is None else jax.tree_util.tree_map(lambda v: v[0], ops)
+    ys = check_measurement(one_op, ys, name="ys")
+    num = ys.shape[0]
+    if op_axis == 0:
+        sizes = {int(v.shape[0]) if v.ndim else 0 for v in jax.tree_util.tree_leaves(ops)
+                 if hasattr(v, "shape")}  # fmt: skip
+        if sizes and sizes != {num}:
+            raise ValueError(
+                f"ops: expected a leading axis of size M = {num} (that of ys) on every array "
+                f"leaf with op_axis=0, got sizes {sorted(sizes)}"
+            )
+    image_shape = image_shape_of(one_op)
+    ac = schedule_of(config, alphas_cumprod)
+    solver = config.build(eps_fn, one_op, alphas_cumprod=ac)
+    noise = _check_noise(noise, solver, image_shape, config.num_iterations, lead=(num,))
+    keys = _split_keys(keys, num, optional=noise is not None)
+    values, axes = _per_measurement(hyper, config, num)
+    eps_static, eps_dyn = split_static(eps_fn)
+    op_static = split_static(one_op)[0]
+    op_dyn = split_static(ops)[1]
+    statics = _Statics(config.static(), eps_static, op_static, (1, *image_shape), bool(trajectory))
+    dyn = {"eps": eps_dyn, "op": op_dyn, "alphas": ac, "max_abs": _max_abs(max_abs)}
+    ts, ss = _grid(config)
+    axes_key = tuple(sorted(axes.items()))
+    sol = _many_jit(statics, op_axis, dyn, ys, keys, values, axes_key, noise, ts, ss)
+    if throw:
+        _check_solution(config, sol, "measurement")
+    return sol
