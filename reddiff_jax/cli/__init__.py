@@ -1,8 +1,9 @@
 """The `reddiff-jax` command line: parses arguments, then calls the library.
 
-Each subcommand lives in the module that owns its work; that module exposes
-`register(subparsers)`, which adds its parser and sets `func(args) -> int`.
-Modules are imported only when the command line is built, one per command.
+This package is the only place that parses arguments. Each subcommand has a module here
+(`reddiff_jax.cli.restore`, ...) exposing `register(subparsers)`, which adds its parser and
+sets `func(args) -> int`; `func` converts the arguments and calls one library function
+(`reddiff_jax.restore.restore`, `reddiff_jax.evaluate.evaluate`, `reddiff_jax.train.train`, ...).
 """
 
 from __future__ import annotations
@@ -13,10 +14,10 @@ import sys
 
 # command name -> module exposing `register(subparsers)`
 COMMANDS: dict[str, str] = {
-    "convert": "reddiff_jax.convert.command",
-    "train": "reddiff_jax.train",
-    "restore": "reddiff_jax.restore",
-    "eval": "reddiff_jax.evaluate",
+    "convert": "reddiff_jax.cli.convert",
+    "train": "reddiff_jax.cli.train",
+    "restore": "reddiff_jax.cli.restore",
+    "eval": "reddiff_jax.cli.evaluate",
 }
 
 
