@@ -468,7 +468,7 @@ def _torch_like_zip(pickle_bytes: bytes, storages: dict[str, bytes] | None = Non
 
 
 @pytest.mark.parametrize("via", ["GLOBAL", "STACK_GLOBAL", "INST", "OBJ"])
-@pytest.mark.parametrize(("module", "name"), _DANGEROUS, ids=".".join)
+@pytest.mark.parametrize(("module", "name"), _DANGEROUS, ids=[".".join(g) for g in _DANGEROUS])
 def test_dangerous_global_is_refused_and_never_called(tmp_path, module, name, via):
     marker = tmp_path / "pwned"
     payload = _call_pickle(module, name, _command_for(module, name, marker), via)
