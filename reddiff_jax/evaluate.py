@@ -19,7 +19,6 @@ batches after the first (with a single batch, on a second, warm run of it).
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import platform
@@ -33,11 +32,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from reddiff_jax import imageio, pipeline
 from reddiff_jax import metrics as metrics_lib
 from reddiff_jax import restore as restore_lib
+from reddiff_jax.assets import default_model_path
 from reddiff_jax.solvers import registry
 
-__all__ = ["DEFAULT_ALGOS", "DEFAULT_TASKS", "evaluate", "format_markdown", "register"]
+__all__ = ["DEFAULT_ALGOS", "DEFAULT_TASKS", "evaluate", "format_markdown"]
 
 DEFAULT_TASKS = ("inpaint:box", "sr:4", "blur:gaussian", "phase_retrieval")
 DEFAULT_ALGOS = ("reddiff", "dps", "pgdm", "ddrm")
@@ -48,16 +49,10 @@ def _task_key(key: jax.Array, task: str) -> jax.Array:
     return jax.random.fold_in(key, zlib.crc32(task.encode()) & 0x7FFFFFFF)
 
 
-def _iterations(config: Any) -> int:
-    from reddiff_jax import diffusion
-
-    return len(diffusion.timesteps(int(config.num_steps), int(config.num_timesteps)))
-
-
 def _scores(x_u8: np.ndarray, truth_u8: np.ndarray, use_lpips: bool) -> dict[str, dict]:
     """{"psnr"|"ssim"|"lpips": {"mean", "std"}} of uint8 images against uint8 truth."""
-    x = restore_lib._to_model(x_u8)
-    t = restore_lib._to_model(truth_u8)
+    x = imageio.from_uint8(x_u8)
+    t = imageio.from_uint8(truth_u8)
     values = {"psnr": metrics_lib.psnr(x, t), "ssim": metrics_lib.ssim(x, t)}
     if use_lpips:
         values["lpips"] = jnp.concatenate(
@@ -140,7 +135,7 @@ def evaluate(
         raise ValueError(f"params: entries {unknown} are not among the algos {algos}")
     model_name, model_info = "<in-memory model>", {}
     if model is None or isinstance(model, str | os.PathLike):
-        path = Path(model) if model is not None else restore_lib.default_model_path()
+        path = Path(model) if model is not None else default_model_path()
         model_name = str(path)
         model = load_pretrained(path)
         meta = read_metadata(path).get("metadata", {})
@@ -166,27 +161,27 @@ def evaluate(
         "n": int(n),
         "sigma_y": float(sigma_y),
         "batch": int(batch),
-        "key": restore_lib._key_data(key),
+        "key": pipeline.key_data(key),
         "model": model_name,
         "model_training": model_info,
         "images": "inputs" if inputs else "held-out digits",
         "lpips": use_lpips,
     }
     results: dict[str, Any] = {"settings": settings, "tasks": {}}
-    x_true = restore_lib._to_model(truth)
+    x_true = imageio.from_uint8(truth)
     for task in tasks:
         k_task = _task_key(key, task)
         k_op, k_y, k_solve = (jax.random.fold_in(k_task, i) for i in range(3))
         op = operators.make_from_spec(task, image_shape, key=k_op)
-        y = np.asarray(restore_lib.simulate(op, x_true, k_y, sigma_y=sigma_y))
-        pinv = restore_lib._to_uint8(restore_lib._pinv_batch(op, jnp.asarray(y)))
+        y = np.asarray(pipeline.simulate(op, x_true, k_y, sigma_y=sigma_y))
+        pinv = imageio.to_uint8(pipeline.pseudo_inverse(op, jnp.asarray(y)))
         task_out: dict[str, Any] = {
             "pinv": {**_scores(pinv, truth, use_lpips), "seconds_per_image": None, "nfe": 0},
             "algos": {},
             "skipped": {},
         }
         for algo in algos:
-            reason = restore_lib.applicable(algo, op)
+            reason = registry.applicable(algo, op)
             if reason is not None:
                 task_out["skipped"][algo] = reason
                 continue
@@ -201,22 +196,20 @@ def evaluate(
                 **settings,
                 "task": task,
                 "algo": algo,
-                "config": restore_lib._config_record(config),
+                "config": pipeline.config_record(config),
             }
-            cache = out / "results" / f"{restore_lib._unique_names([task])[0]}__{algo}.json"
+            cache = out / "results" / f"{imageio.unique_names([task])[0]}__{algo}.json"
             cached = _read_json(cache)
             if cached is not None and cached.get("settings") == record_settings:
                 task_out["algos"][algo] = cached["row"]
                 continue
             row = _run_pair(algo, model, op, y, config, k_solve, truth, batch, use_lpips, progress)
             task_out["algos"][algo] = row
-            restore_lib._atomic_write_bytes(
-                cache, restore_lib._json_bytes({"settings": record_settings, "row": row})
-            )
+            imageio.atomic_write_json(cache, {"settings": record_settings, "row": row})
         results["tasks"][task] = task_out
     results["device"] = f"{jax.default_backend()} ({platform.machine()}, {os.cpu_count()} cpus)"
-    restore_lib._atomic_write_bytes(out / "eval.json", restore_lib._json_bytes(results))
-    restore_lib._atomic_write_bytes(out / "eval.md", format_markdown(results).encode())
+    imageio.atomic_write_json(out / "eval.json", results)
+    imageio.atomic_write_bytes(out / "eval.md", format_markdown(results).encode())
     return results
 
 
@@ -242,32 +235,26 @@ def _read_json(path: Path) -> dict | None:
 
 def _run_pair(algo, model, op, y, config, key, truth, batch, use_lpips, progress) -> dict:
     """Restores all of ``y`` with one algorithm; returns its table row."""
-    restored: dict[int, np.ndarray] = {}
-
-    def keep(idx: np.ndarray, x0: np.ndarray) -> None:
-        for k, i in enumerate(idx):
-            restored[int(i)] = x0[k]
-
-    seconds = restore_lib.solve_batches(
-        algo, model.eps, op, y, config, key, batch=batch, on_batch=keep, progress=progress
-    )
+    results = pipeline.solve_batches(config, model.eps, op, y, key, batch=batch, progress=progress)
     n = len(y)
-    if len(seconds) > 1:
-        warm = [j for j in seconds if j > 0]
-        count = sum(min(batch, n - j * batch) for j in warm)
-        per_image = sum(seconds[j] for j in warm) / count
+    if len(results) > 1:
+        warm = results[1:]
+        per_image = sum(r.seconds for r in warm) / sum(len(r.indices) for r in warm)
     else:  # one batch: time a second, compiled run of it
         start = time.perf_counter()
-        restore_lib.solve_batches(algo, model.eps, op, y, config, key, batch=batch, progress=False)
+        pipeline.solve_batches(config, model.eps, op, y, key, batch=batch, progress=False)
         per_image = (time.perf_counter() - start) / n
-    x_u8 = restore_lib._to_uint8(np.stack([restored[i] for i in range(n)]))
+    x = np.concatenate([r.x for r in results])
+    failed = int(sum(int(np.sum(r.status != 0)) for r in results))
+    x_u8 = imageio.to_uint8(np.where(np.isfinite(x), x, 0.0))
     return {
         **_scores(x_u8, truth, use_lpips),
         "seconds_per_image": per_image,
-        "compile_and_first_batch_seconds": seconds[min(seconds)],
-        "nfe": _iterations(config),
+        "compile_and_first_batch_seconds": results[0].seconds,
+        "nfe": config.num_iterations,
+        "diverged": failed,
         "backprop_through_network": registry.get(algo).backprop,
-        "config": restore_lib._config_record(config),
+        "config": pipeline.config_record(config),
     }
 
 
@@ -317,95 +304,3 @@ def format_markdown(results: dict[str, Any]) -> str:
     if notes:
         lines += ["", *notes]
     return "\n".join(lines) + "\n"
-
-
-# ------------------------------------------------------------------------------------------------
-# command line
-
-
-def _split_list(text: str) -> list[str]:
-    return [t.strip() for t in text.split(",") if t.strip()]
-
-
-def _parse_steps_arg(text: str | None) -> int | dict[str, int] | None:
-    if text is None:
-        return None
-    if "=" not in text:
-        try:
-            return int(text)
-        except ValueError:
-            raise ValueError(f"--steps: expected an int or ALGO=INT,..., got {text!r}") from None
-    out = {}
-    for item in _split_list(text):
-        algo, _, value = item.partition("=")
-        try:
-            out[algo.strip()] = int(value)
-        except ValueError:
-            raise ValueError(f"--steps: expected ALGO=INT, got {item!r}") from None
-    return out
-
-
-def _parse_algo_params(items: Sequence[str]) -> dict[str, dict[str, str]]:
-    out: dict[str, dict[str, str]] = {}
-    for item in items:
-        lhs, eq, value = item.partition("=")
-        algo, dot, name = lhs.rpartition(".")
-        if not eq or not dot:
-            raise ValueError(f"--param: expected ALGO[@TASK].KEY=VALUE, got {item!r}")
-        out.setdefault(algo.strip(), {})[name.strip().replace("-", "_")] = value.strip()
-    return out
-
-
-def _run(args: argparse.Namespace) -> int:
-    results = evaluate(
-        jax.random.key(args.seed),
-        out=args.out,
-        tasks=_split_list(args.tasks),
-        algos=_split_list(args.algos),
-        n=args.n,
-        steps=_parse_steps_arg(args.steps),
-        sigma_y=args.sigma_y,
-        model=args.model,
-        inputs=args.inputs,
-        batch=args.batch,
-        params=_parse_algo_params(args.param or []),
-        lpips=not args.no_lpips,
-        progress=not args.no_progress,
-    )
-    print(format_markdown(results))
-    print(f"written: {Path(args.out) / 'eval.md'} and eval.json")
-    return 0
-
-
-def register(subparsers: Any) -> argparse.ArgumentParser:
-    """Adds ``reddiff-jax eval`` to the CLI's subparsers (sets ``func``)."""
-    p = subparsers.add_parser(
-        "eval",
-        help="table of PSNR/SSIM/LPIPS, time and NFE per algorithm and task",
-        description=(
-            "Restores the first --n held-out digits (or INPUTS) for every task and algorithm and "
-            "writes eval.md and eval.json into --out; a rerun reuses finished pairs."
-        ),
-    )
-    p.add_argument("inputs", nargs="*", help="image files or folders (default: held-out digits)")
-    p.add_argument("--tasks", default=",".join(DEFAULT_TASKS), help="comma-separated specs")
-    p.add_argument("--algos", default=",".join(DEFAULT_ALGOS), help="comma-separated solvers")
-    p.add_argument("--n", type=int, default=100, help="number of images (default 100)")
-    p.add_argument("--out", required=True, help="output folder")
-    p.add_argument(
-        "--steps", default=None, help="solver steps: INT for all, or ALGO=INT,... (default 100)"
-    )
-    p.add_argument("--sigma-y", type=float, default=0.0, help="noise: y = A(x) + 2 sigma_y n")
-    p.add_argument("--model", default=None, help="checkpoint folder (default: mnist32)")
-    p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
-    p.add_argument("--batch", type=int, default=25, help="images per solver call (default 25)")
-    p.add_argument(
-        "--param",
-        action="append",
-        metavar="ALGO[@TASK].KEY=VALUE",
-        help="a solver setting, for all tasks or one (reddiff@blur.lam=0.05); repeatable",
-    )
-    p.add_argument("--no-lpips", action="store_true", help="leave LPIPS out")
-    p.add_argument("--no-progress", action="store_true", help="hide the progress bars")
-    p.set_defaults(func=_run)
-    return p

@@ -16,9 +16,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from reddiff_jax import diffusion
+from reddiff_jax import diffusion, solvers
 from reddiff_jax.operators import HDR, AvgPoolSR, Inpainting, PhaseRetrieval
-from reddiff_jax.solvers import ddim, ddrm, diffpir, dps, pgdm
+from reddiff_jax.solvers import ddim, ddrm, diffpir, dps, driver, pgdm
 
 AC32 = diffusion.alphas_cumprod()
 AC64 = np.asarray(AC32, np.float64)
@@ -228,33 +228,33 @@ def test_ddim_eta0_is_the_exact_affine_map_of_the_gaussian_prior():
     B, N = 16, 20
     x_T = jax.random.normal(jax.random.key(0), (B, 2, 2, 2))
     noise = {"init": x_T, "z": jnp.zeros((N, B, 2, 2, 2))}
-    res = ddim.sample(
-        EPS_2x2, (B, 2, 2, 2), ddim.DDIMConfig(num_steps=N, eta=0.0), jax.random.key(1), noise=noise
+    res = solvers.sample(
+        ddim.DDIMConfig(num_steps=N, eta=0.0), EPS_2x2, (B, 2, 2, 2), jax.random.key(1), noise=noise
     )
     K, _ = _ddim_gain(S, N, 0.0)
     a_T = AC64[diffusion.timesteps(N)[0]]
     ref = M + K * (np.asarray(x_T, np.float64) - np.sqrt(a_T) * M)
     # float32 rounding over 20 steps of O(1) values: 1e-5 absolute.
-    np.testing.assert_allclose(np.asarray(res.x0_pred), ref, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(res.x), ref, atol=1e-5)
     # Deterministic: the z noise is ignored when eta = 0.
     noise2 = {"init": x_T, "z": jnp.ones((N, B, 2, 2, 2))}
-    res2 = ddim.sample(
+    res2 = solvers.sample(
+        ddim.DDIMConfig(num_steps=N, eta=0.0),
         EPS_2x2,
         (B, 2, 2, 2),
-        ddim.DDIMConfig(num_steps=N, eta=0.0),
         jax.random.key(1),
         noise=noise2,
     )
-    np.testing.assert_array_equal(np.asarray(res.x0_pred), np.asarray(res2.x0_pred))
+    np.testing.assert_array_equal(np.asarray(res.x), np.asarray(res2.x))
 
 
 def test_ddim_eta0_ode_sends_noise_to_the_prior():
     """With many steps DDIM (eta 0) maps N(0, I) to N(m, s²) (the probability-flow ODE)."""
     B, N = 2048, 1000
-    res = ddim.sample(
-        EPS_2x2, (B, 2, 2, 2), ddim.DDIMConfig(num_steps=N, eta=0.0), jax.random.key(2)
+    res = solvers.sample(
+        ddim.DDIMConfig(num_steps=N, eta=0.0), EPS_2x2, (B, 2, 2, 2), jax.random.key(2)
     )
-    x = np.asarray(res.x0_pred, np.float64)
+    x = np.asarray(res.x, np.float64)
     # The 1000-step discretisation and the N(0, I) start (mean 0, not sqrt(a_T) m) offset the
     # exact law by these float64 closed-form amounts, small next to the Monte Carlo errors:
     K, _ = _ddim_gain(S, N, 0.0)
@@ -271,10 +271,10 @@ def test_ddim_eta0_ode_sends_noise_to_the_prior():
 def test_ddim_with_eta_mean_and_variance_match_closed_form(eta):
     """x_0 = m + K (x_T - sqrt(a_T) m) + noise of variance c (closed form), x_T ~ N(0, I)."""
     B, N = 4096, 20
-    res = ddim.sample(
-        EPS_2x2, (B, 2, 2, 2), ddim.DDIMConfig(num_steps=N, eta=eta), jax.random.key(3)
+    res = solvers.sample(
+        ddim.DDIMConfig(num_steps=N, eta=eta), EPS_2x2, (B, 2, 2, 2), jax.random.key(3)
     )
-    x = np.asarray(res.x0_pred, np.float64)
+    x = np.asarray(res.x, np.float64)
     K, c = _ddim_gain(S, N, eta)
     a_T = AC64[diffusion.timesteps(N)[0]]
     mean = M - K * np.sqrt(a_T) * M
@@ -317,7 +317,7 @@ def test_ddrm_inpainting_recovers_the_exact_posterior_mean(real_op):
     B, N, eta = 4096, 20, 0.85
     y = jnp.broadcast_to(jnp.asarray(y1, jnp.float32), (B, H, W, C))
     cfg = ddrm.DDRMConfig(num_steps=N, eta=eta)
-    out = np.asarray(ddrm.solve(gaussian_eps_fn(m, s), op, y, cfg, key_run).x0_pred, np.float64)
+    out = np.asarray(solvers.solve(cfg, gaussian_eps_fn(m, s), op, y, key_run).x, np.float64)
 
     post_mean = mask * y1 + (1 - mask) * m
     g, sd_obs = _ddrm_observed_law(s)
@@ -350,7 +350,7 @@ def test_ddrm_super_resolution_recovers_the_exact_posterior_mean(real_op):
     B, N = 4096, 20
     y = jnp.broadcast_to(jnp.asarray(y1, jnp.float32), (B, 2, 2, C))
     cfg = ddrm.DDRMConfig(num_steps=N)
-    out = np.asarray(ddrm.solve(gaussian_eps_fn(m, s), op, y, cfg, key_run).x0_pred, np.float64)
+    out = np.asarray(solvers.solve(cfg, gaussian_eps_fn(m, s), op, y, key_run).x, np.float64)
     g, sd_obs = _ddrm_observed_law(np.float64(s))
     K, c = _ddrm_unobserved_gain(np.float64(s), N, cfg.eta)
     a_T = AC64[diffusion.timesteps(N)[0]]
@@ -403,24 +403,40 @@ def test_dps_one_step_matches_float64_closed_form():
     ref = x0 - zeta / norm * grad  # a_s = 1: c1 = c2 = 0
     cfg = dps.DPSConfig(num_steps=1, zeta=zeta, eta=1.0)
     noise = {"init": jnp.asarray(init, jnp.float32), "z": jnp.ones((1, 3, 4, 4, 1))}
-    res = dps.solve(
-        gaussian_eps_fn(m, s), op, jnp.asarray(y, jnp.float32), cfg, jax.random.key(0), noise=noise
-    )
-    np.testing.assert_allclose(np.asarray(res.x0_pred), ref, atol=2e-5 * np.abs(ref).max())
-    np.testing.assert_allclose(np.asarray(res.info["residual_norm"])[0], norm.ravel(), rtol=1e-5)
-    # remat recomputes the network in the backward pass: same numbers.
-    cfg_r = dps.DPSConfig(num_steps=1, zeta=zeta, eta=1.0, remat=True)
-    res_r = dps.solve(
+    res = solvers.solve(
+        cfg,
         gaussian_eps_fn(m, s),
         op,
         jnp.asarray(y, jnp.float32),
+        jax.random.key(0),
+        noise=noise,
+        trajectory=True,
+    )
+    np.testing.assert_allclose(np.asarray(res.x), ref, atol=2e-5 * np.abs(ref).max())
+    # x̂0 against the float64 closed form, then the norm arithmetic on that float32 x̂0: the
+    # residual is a ~1% cancellation of y, so a float64 norm from the float64 x̂0 would differ by
+    # ~eps32 |y| / |r| ~ 1e-5 through x̂0's own rounding alone.
+    x0_32 = np.asarray(res.trajectory["x0"][0], np.float64)
+    np.testing.assert_allclose(x0_32, x0, rtol=0, atol=1e-6 * np.abs(x0).max())
+    y32 = np.asarray(jnp.asarray(y, jnp.float32), np.float64)
+    r32 = y32 - A(x0_32)
+    norm32 = np.sqrt((r32**2).reshape(3, -1).sum(1))
+    # float32 rounding of y - A(x̂0) (a mean of 4 and a difference): <= 4 eps32 max|y| per entry,
+    # so <= 4 eps32 max|y| sqrt(n) on the norm of the n = 4 entries.
+    bound = 4 * np.finfo(np.float32).eps * np.abs(y).max() * np.sqrt(r32[0].size)
+    np.testing.assert_allclose(np.asarray(res.info["residual_norm"])[0], norm32, atol=bound)
+    np.testing.assert_allclose(norm32, norm.ravel(), rtol=1e-4)  # the conditioning bound above
+    # remat recomputes the network in the backward pass: same numbers.
+    cfg_r = dps.DPSConfig(num_steps=1, zeta=zeta, eta=1.0, remat=True)
+    res_r = solvers.solve(
         cfg_r,
+        gaussian_eps_fn(m, s),
+        op,
+        jnp.asarray(y, jnp.float32),
         jax.random.key(0),
         noise=noise,
     )
-    np.testing.assert_allclose(
-        np.asarray(res_r.x0_pred), np.asarray(res.x0_pred), rtol=1e-6, atol=1e-6
-    )
+    np.testing.assert_allclose(np.asarray(res_r.x), np.asarray(res.x), rtol=1e-6, atol=1e-6)
 
 
 def test_pgdm_one_step_matches_float64_closed_form():
@@ -444,17 +460,19 @@ def test_pgdm_one_step_matches_float64_closed_form():
     ref = np.sqrt(a_s) * x0 + c1 * z[0] + c2 * eps + np.sqrt(a_s) * np.sqrt(a) * w * grad
     cfg = pgdm.PGDMConfig(num_steps=2, w=w, eta=eta)
     noise = {"init": jnp.asarray(init, jnp.float32), "z": jnp.asarray(z, jnp.float32)}
-    res = pgdm.solve(
+    res = solvers.solve(
+        cfg,
         gaussian_eps_fn(m, s),
         op,
         jnp.asarray(y, jnp.float32),
-        cfg,
         jax.random.key(0),
         noise=noise,
         trajectory=True,
     )
-    np.testing.assert_allclose(np.asarray(res.xs[0]), ref, atol=2e-6 * np.abs(ref).max() + 1e-6)
-    np.testing.assert_allclose(np.asarray(res.x0s[0]), x0, atol=1e-5)
+    np.testing.assert_allclose(
+        np.asarray(res.trajectory["x"][0]), ref, atol=2e-6 * np.abs(ref).max() + 1e-6
+    )
+    np.testing.assert_allclose(np.asarray(res.trajectory["x0"][0]), x0, atol=1e-5)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -505,22 +523,25 @@ def test_diffpir_with_infinite_lambda_and_zeta0_is_ddim_eta0():
     n = (x_T - jnp.sqrt(a_T) * jax.vmap(op.A_dagger)(y)) / jnp.sqrt(1 - a_T)
     z = jnp.zeros((N, B, 2, 2, 2))
     cfg = diffpir.DiffPIRConfig(num_steps=N, lam=1e20, zeta=0.0)
-    got = diffpir.solve(EPS_2x2, op, y, cfg, jax.random.key(0), noise={"init": n, "z": z})
-    ref = ddim.sample(
-        EPS_2x2, (B, 2, 2, 2), ddim.DDIMConfig(num_steps=N, eta=0.0), jax.random.key(0),
+    got = solvers.solve(cfg, EPS_2x2, op, y, jax.random.key(0), noise={"init": n, "z": z})
+    ref = solvers.sample(
+        ddim.DDIMConfig(num_steps=N, eta=0.0),
+        EPS_2x2,
+        (B, 2, 2, 2),
+        jax.random.key(0),
         noise={"init": x_T, "z": z},
-    )  # fmt: skip
-    np.testing.assert_allclose(np.asarray(got.x0_pred), np.asarray(ref.x0_pred), atol=2e-5)
+    )
+    np.testing.assert_allclose(np.asarray(got.x), np.asarray(ref.x), atol=2e-5)
 
 
 def test_diffpir_nonlinear_operator_uses_gradient_prox():
     op = SquareOpWithInit((2, 2, 2))
     y = jnp.full((3, 2, 2, 2), 0.25)
     cfg = diffpir.DiffPIRConfig(num_steps=10, sigma_y=0.05)
-    res = diffpir.solve(EPS_2x2, op, y, cfg, jax.random.key(1))
-    assert res.x0_pred.shape == (3, 2, 2, 2) and bool(jnp.all(jnp.isfinite(res.x0_pred)))
+    res = solvers.solve(cfg, EPS_2x2, op, y, jax.random.key(1))
+    assert res.x.shape == (3, 2, 2, 2) and bool(jnp.all(jnp.isfinite(res.x)))
     with pytest.raises(TypeError, match="SVD"):
-        diffpir.solve(EPS_2x2, op, y, dataclasses.replace(cfg, prox="svd"), jax.random.key(1))
+        solvers.solve(dataclasses.replace(cfg, prox="svd"), EPS_2x2, op, y, jax.random.key(1))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -531,13 +552,19 @@ TOY = PoolOp(SHAPE, 2)
 Y3 = jax.random.normal(jax.random.key(20), (3, 1, 1, 2)) * 0.3
 N_STEPS = 8
 
+# name -> (config, a hyper-parameter of it and a second value for it).
 SOLVERS = {
-    "ddim": (ddim, ddim.DDIMConfig(num_steps=N_STEPS, eta=1.0), ddim._ddim_jit),
-    "dps": (dps, dps.DPSConfig(num_steps=N_STEPS, zeta=0.5, eta=1.0), dps._dps_jit),
-    "pgdm": (pgdm, pgdm.PGDMConfig(num_steps=N_STEPS, eta=1.0), pgdm._pgdm_jit),
-    "ddrm": (ddrm, ddrm.DDRMConfig(num_steps=N_STEPS, sigma_y=0.05), ddrm._ddrm_jit),
-    "diffpir": (diffpir, diffpir.DiffPIRConfig(num_steps=N_STEPS), diffpir._diffpir_jit),
+    "ddim": (ddim.DDIMConfig(num_steps=N_STEPS, eta=1.0), "eta", 0.5),
+    "dps": (dps.DPSConfig(num_steps=N_STEPS, zeta=0.5, eta=1.0), "zeta", 0.3),
+    "pgdm": (pgdm.PGDMConfig(num_steps=N_STEPS, eta=1.0), "w", 0.7),
+    "ddrm": (ddrm.DDRMConfig(num_steps=N_STEPS, sigma_y=0.05), "eta", 0.5),
+    "diffpir": (diffpir.DiffPIRConfig(num_steps=N_STEPS), "lam", 2.0),
 }
+JITTED = (driver._init_jit, driver._chunk_jit, driver._finish_jit)
+
+
+def _cache_sizes():
+    return tuple(f._cache_size() for f in JITTED)
 
 
 def _noise(B, seed=0):
@@ -549,25 +576,34 @@ def _noise(B, seed=0):
 
 
 def _scans(jaxpr):
-    """Top-level scan equations of the (single) jitted call inside ``jaxpr``."""
+    """Scan equations of ``jaxpr``: at its top level and inside its top-level jitted calls, which
+    must include the driver's three (init, the scan over the steps, finish), once each."""
     calls = [e for e in jaxpr.eqns if e.primitive.name in ("pjit", "jit")]
-    assert len(calls) == 1, [e.primitive.name for e in jaxpr.eqns]
-    inner = calls[0].params["jaxpr"].jaxpr
-    return [e for e in inner.eqns if e.primitive.name == "scan"]
+    driver_calls = [
+        c.params["name"]
+        for c in calls
+        if c.params["name"].startswith(("_init", "_chunk", "_finish"))
+    ]
+    assert driver_calls == ["_init_core", "_chunk_core", "_finish_core"], driver_calls
+    eqns = [*jaxpr.eqns, *(e for c in calls for e in c.params["jaxpr"].jaxpr.eqns)]
+    return [e for e in eqns if e.primitive.name == "scan"]
 
 
 @pytest.mark.parametrize("name", list(SOLVERS))
 def test_solver_is_one_jitted_scan_and_cached(name):
-    mod, cfg, jitted = SOLVERS[name]
+    cfg, hyper_name, hyper_value = SOLVERS[name]
     key = jax.random.key(0)
-    jaxpr = jax.make_jaxpr(lambda y: mod.solve(EPS_2x2, TOY, y, cfg, key).x0_pred)(Y3)
+    jaxpr = jax.make_jaxpr(lambda y: solvers.solve(cfg, EPS_2x2, TOY, y, key, throw=False).x)(Y3)
     scans = _scans(jaxpr.jaxpr)
     assert len(scans) == 1 and scans[0].params["length"] == N_STEPS
-    # Same structure and config: the compiled function is reused (new y, key, noise values).
-    mod.solve(EPS_2x2, TOY, Y3, cfg, jax.random.key(1))
-    size = jitted._cache_size()
-    mod.solve(EPS_2x2, TOY, Y3 + 1.0, cfg, jax.random.key(2))
-    assert jitted._cache_size() == size
+    # Same structure and config: the compiled functions are reused (new y, key, noise and
+    # hyper-parameter values).
+    solvers.solve(cfg, EPS_2x2, TOY, Y3, jax.random.key(1))
+    size = _cache_sizes()
+    solvers.solve(cfg, EPS_2x2, TOY, Y3 + 1.0, jax.random.key(2))
+    new_cfg = dataclasses.replace(cfg, **{hyper_name: hyper_value})
+    solvers.solve(new_cfg, EPS_2x2, TOY, Y3 - 1.0, jax.random.key(3))
+    assert _cache_sizes() == size
 
 
 class GaussModel(flax.struct.PyTreeNode):
@@ -581,33 +617,113 @@ class GaussModel(flax.struct.PyTreeNode):
 
 
 def test_model_parameters_are_arguments_not_constants():
-    _, cfg, jitted = SOLVERS["ddrm"]
+    cfg = SOLVERS["ddrm"][0]
     m1 = GaussModel(jnp.asarray(M), jnp.asarray(S))
     m2 = GaussModel(jnp.asarray(M) + 0.5, jnp.asarray(S))
-    r1 = ddrm.solve(m1.eps, TOY, Y3, cfg, jax.random.key(0), noise=_noise(3))
-    size = jitted._cache_size()
-    r2 = ddrm.solve(m2.eps, TOY, Y3, cfg, jax.random.key(0), noise=_noise(3))
-    assert jitted._cache_size() == size  # a new bound method and new values: no retrace
-    ref = ddrm.solve(gaussian_eps_fn(M + 0.5, S), TOY, Y3, cfg, jax.random.key(0), noise=_noise(3))
-    np.testing.assert_allclose(np.asarray(r2.x0_pred), np.asarray(ref.x0_pred), atol=1e-6)
-    assert not np.allclose(np.asarray(r1.x0_pred), np.asarray(r2.x0_pred))
+    r1 = solvers.solve(cfg, m1.eps, TOY, Y3, jax.random.key(0), noise=_noise(3))
+    size = _cache_sizes()
+    r2 = solvers.solve(cfg, m2.eps, TOY, Y3, jax.random.key(0), noise=_noise(3))
+    assert _cache_sizes() == size  # a new bound method and new values: no retrace
+    ref = solvers.solve(
+        cfg, gaussian_eps_fn(M + 0.5, S), TOY, Y3, jax.random.key(0), noise=_noise(3)
+    )
+    np.testing.assert_allclose(np.asarray(r2.x), np.asarray(ref.x), atol=1e-6)
+    assert not np.allclose(np.asarray(r1.x), np.asarray(r2.x))
+
+
+class _CompileCounter:
+    """Counts XLA backend compilations while active (a ``jax.monitoring`` duration listener)."""
+
+    def __init__(self):
+        self.count = 0
+        self.active = False
+
+    def __call__(self, event, duration, **kwargs):
+        del duration, kwargs
+        if self.active and "backend_compile" in event:
+            self.count += 1
+
+    def __enter__(self):
+        jax.monitoring.register_event_duration_secs_listener(self)
+        self.active = True
+        return self
+
+    def __exit__(self, *exc):
+        self.active = False  # stays inert if it cannot be unregistered
+        unregister = getattr(jax.monitoring, "unregister_event_duration_listener", None) or getattr(
+            jax.monitoring, "_unregister_event_duration_listener_by_callback", None
+        )
+        if unregister is not None:
+            unregister(self)
+
+
+def test_hyperparameter_sweep_compiles_once():
+    """Numeric hyper-parameters are traced: a sweep over DPS zeta (solve) or DDRM eta
+    (solve_many) compiles nothing after the first call; solve_many over [M] etas equals M
+    separate solves."""
+    keys = [jax.random.key(k) for k in range(4)]
+    zetas = [0.2, 0.7, 1.3]
+    solvers.solve(dps.DPSConfig(num_steps=3, zeta=0.1), EPS_2x2, TOY, Y3, keys[0])  # warm-up
+    with _CompileCounter() as counter:
+        outs = [
+            solvers.solve(dps.DPSConfig(num_steps=3, zeta=z), EPS_2x2, TOY, Y3, k).x
+            for z, k in zip(zetas, keys[1:], strict=True)
+        ]
+        jax.block_until_ready(outs)
+    assert counter.count == 0
+    # The values did reach the program: a different zeta, a different result (same key).
+    same_key = [
+        solvers.solve(dps.DPSConfig(num_steps=3, zeta=z), EPS_2x2, TOY, Y3, keys[0]).x
+        for z in zetas[:2]
+    ]
+    assert not np.allclose(np.asarray(same_key[0]), np.asarray(same_key[1]))
+
+    cfg = ddrm.DDRMConfig(num_steps=N_STEPS, sigma_y=0.05)
+    ys = Y3
+    many_keys = jax.random.split(jax.random.key(30), 3)
+    etas1 = jnp.array([0.0, 0.5, 0.95])
+    etas2 = jnp.array([0.2, 0.85, 0.4])
+    first = solvers.solve_many(cfg, EPS_2x2, TOY, ys, many_keys, hyper={"eta": etas1}, op_axis=None)
+    with _CompileCounter() as counter:
+        second = solvers.solve_many(
+            cfg, EPS_2x2, TOY, ys, many_keys, hyper={"eta": etas2}, op_axis=None
+        )
+        jax.block_until_ready(second.x)
+    assert counter.count == 0
+    for etas, many in ((etas1, first), (etas2, second)):
+        assert many.x.shape == (3, *SHAPE) and many.status.shape == (3,)
+        for m in range(3):
+            one_cfg = dataclasses.replace(cfg, eta=float(etas[m]))
+            one = solvers.solve(one_cfg, EPS_2x2, TOY, ys[m : m + 1], many_keys[m]).x
+            np.testing.assert_allclose(np.asarray(many.x[m]), np.asarray(one[0]), atol=1e-6)
+
+
+def test_ddrm_eta_one_stays_finite():
+    """eta = 1 (the upper bound; the official batch scripts' value): sig_tilde = sqrt(sig_s² -
+    (eta sig_s)²) is exactly 0, so every image must stay finite."""
+    cfg = ddrm.DDRMConfig(num_steps=N_STEPS, sigma_y=0.05, eta=1.0)
+    sol = solvers.solve(cfg, EPS_2x2, TOY, Y3, jax.random.key(0), throw=False)
+    np.testing.assert_array_equal(np.asarray(sol.status), 0)
+    assert np.all(np.isfinite(np.asarray(sol.x)))
 
 
 @pytest.mark.parametrize("name", list(SOLVERS))
 def test_batch_equals_separate_solves_and_vmap(name):
     """A batch of B measurements = B separate solves (same draws); jax.vmap over measurements
     (and over per-measurement operators) gives the same."""
-    mod, cfg, _ = SOLVERS[name]
+    cfg = SOLVERS[name][0]
     noise = _noise(3)
-    batch = mod.solve(EPS_2x2, TOY, Y3, cfg, jax.random.key(0), noise=noise).x0_pred
+    batch = solvers.solve(cfg, EPS_2x2, TOY, Y3, jax.random.key(0), noise=noise).x
     for b in range(3):
         nb = {"init": noise["init"][b : b + 1], "z": noise["z"][:, b : b + 1]}
-        one = mod.solve(EPS_2x2, TOY, Y3[b : b + 1], cfg, jax.random.key(0), noise=nb).x0_pred
+        one = solvers.solve(cfg, EPS_2x2, TOY, Y3[b : b + 1], jax.random.key(0), noise=nb).x
         np.testing.assert_allclose(np.asarray(one[0]), np.asarray(batch[b]), atol=1e-5)
 
     def single(y, init, z):
         nb = {"init": init[None], "z": z[:, None]}
-        return mod.solve(EPS_2x2, TOY, y[None], cfg, jax.random.key(0), noise=nb).x0_pred[0]
+        # throw=False under vmap (the status is returned, not raised).
+        sol = solvers.solve(cfg, EPS_2x2, TOY, y[None], jax.random.key(0), noise=nb, throw=False)
+        return sol.x[0]
 
     vm = jax.vmap(single, in_axes=(0, 0, 1))(Y3, noise["init"], noise["z"])
     np.testing.assert_allclose(np.asarray(vm), np.asarray(batch), atol=1e-5)
@@ -615,14 +731,14 @@ def test_batch_equals_separate_solves_and_vmap(name):
 
 def test_vmap_over_per_measurement_operators():
     """Different masks per measurement in one vmapped call (DDRM: the SVD differs per image)."""
-    mod, cfg, _ = SOLVERS["ddrm"]
+    cfg = SOLVERS["ddrm"][0]
     masks = jax.random.bernoulli(jax.random.key(21), 0.5, (3, *SHAPE)).astype(jnp.float32)
     ops = jax.vmap(MaskOp)(masks)
     ys = jax.random.normal(jax.random.key(22), (3, *SHAPE)) * masks
     keys = jax.random.split(jax.random.key(23), 3)
 
     def one(o, y, k):
-        return mod.solve(EPS_2x2, o, y[None], cfg, k).x0_pred[0]
+        return solvers.solve(cfg, EPS_2x2, o, y[None], k, throw=False).x[0]
 
     vm = jax.vmap(one)(ops, ys, keys)
     for b in range(3):
@@ -636,25 +752,27 @@ def test_pgdm_project_replaces_observed_pixels_like_official_in2():
     op = MaskOp(masks)
     y = jax.random.normal(jax.random.key(25), (3, *SHAPE)) * masks
     cfg = pgdm.PGDMConfig(num_steps=N_STEPS, eta=1.0, project=True)
-    res = pgdm.solve(EPS_2x2, op, y, cfg, jax.random.key(0), trajectory=True)
+    res = solvers.solve(cfg, EPS_2x2, op, y, jax.random.key(0), trajectory=True)
     np.testing.assert_allclose(
-        np.asarray(res.x0s * masks), np.asarray(jnp.broadcast_to(y, res.x0s.shape)), atol=1e-6
+        np.asarray(res.trajectory["x0"] * masks),
+        np.asarray(jnp.broadcast_to(y, res.trajectory["x0"].shape)),
+        atol=1e-6,
     )
     # awd=False recomputes eps from x0: without projection that is the network's eps again.
-    base = SOLVERS["pgdm"][1]
-    r1 = pgdm.solve(EPS_2x2, TOY, Y3, base, jax.random.key(0), noise=_noise(3))
-    r2 = pgdm.solve(
-        EPS_2x2, TOY, Y3, dataclasses.replace(base, awd=False), jax.random.key(0), noise=_noise(3)
+    base = SOLVERS["pgdm"][0]
+    r1 = solvers.solve(base, EPS_2x2, TOY, Y3, jax.random.key(0), noise=_noise(3))
+    r2 = solvers.solve(
+        dataclasses.replace(base, awd=False), EPS_2x2, TOY, Y3, jax.random.key(0), noise=_noise(3)
     )
-    assert np.all(np.isfinite(np.asarray(r2.x0_pred)))
-    assert not np.allclose(np.asarray(r1.x0_pred), np.asarray(r2.x0_pred))
+    assert np.all(np.isfinite(np.asarray(r2.x)))
+    assert not np.allclose(np.asarray(r1.x), np.asarray(r2.x))
 
 
 def test_same_key_same_result_and_keys_matter():
-    cfg = SOLVERS["dps"][1]
-    a = dps.solve(EPS_2x2, TOY, Y3, cfg, jax.random.key(3)).x0_pred
-    b = dps.solve(EPS_2x2, TOY, Y3, cfg, jax.random.key(3)).x0_pred
-    c = dps.solve(EPS_2x2, TOY, Y3, cfg, jax.random.key(4)).x0_pred
+    cfg = SOLVERS["dps"][0]
+    a = solvers.solve(cfg, EPS_2x2, TOY, Y3, jax.random.key(3)).x
+    b = solvers.solve(cfg, EPS_2x2, TOY, Y3, jax.random.key(3)).x
+    c = solvers.solve(cfg, EPS_2x2, TOY, Y3, jax.random.key(4)).x
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     assert not np.allclose(np.asarray(a), np.asarray(c))
 
@@ -666,43 +784,47 @@ def test_same_key_same_result_and_keys_matter():
 def test_missing_capabilities_are_clear_errors():
     y_sq = jnp.ones((2, *SHAPE))
     with pytest.raises(TypeError, match="SVD capability"):
-        ddrm.solve(EPS_2x2, SquareOpWithInit(SHAPE), y_sq, ddrm.DDRMConfig(), jax.random.key(0))
+        solvers.solve(ddrm.DDRMConfig(), EPS_2x2, SquareOpWithInit(SHAPE), y_sq, jax.random.key(0))
     with pytest.raises(TypeError, match="SVD capability"):
-        ddrm.solve(EPS_2x2, HDR.create(SHAPE), y_sq, ddrm.DDRMConfig(), jax.random.key(0))
+        solvers.solve(ddrm.DDRMConfig(), EPS_2x2, HDR.create(SHAPE), y_sq, jax.random.key(0))
     with pytest.raises(TypeError, match="SVD capability"):
         pr = PhaseRetrieval.create(SHAPE, pad=1)
-        ddrm.solve(EPS_2x2, pr, jnp.ones((2, *pr.y_shape)), ddrm.DDRMConfig(), jax.random.key(0))
+        solvers.solve(ddrm.DDRMConfig(), EPS_2x2, pr, jnp.ones((2, *pr.y_shape)), jax.random.key(0))
     with pytest.raises(TypeError, match="A_dagger"):
-        pgdm.solve(EPS_2x2, SquareOp(SHAPE), y_sq, pgdm.PGDMConfig(), jax.random.key(0))
+        solvers.solve(pgdm.PGDMConfig(), EPS_2x2, SquareOp(SHAPE), y_sq, jax.random.key(0))
     with pytest.raises(TypeError, match="A_dagger"):
-        dps.solve(EPS_2x2, SquareOp(SHAPE), y_sq, dps.DPSConfig(), jax.random.key(0))
+        solvers.solve(dps.DPSConfig(), EPS_2x2, SquareOp(SHAPE), y_sq, jax.random.key(0))
     with pytest.raises(TypeError, match="`A` method"):
-        dps.solve(EPS_2x2, object(), y_sq, dps.DPSConfig(), jax.random.key(0))
+        solvers.solve(dps.DPSConfig(), EPS_2x2, object(), y_sq, jax.random.key(0))
 
 
 @pytest.mark.parametrize("name", list(SOLVERS))
 def test_bad_arguments_are_clear_errors(name):
-    mod, cfg, _ = SOLVERS[name]
+    cfg = SOLVERS[name][0]
     key = jax.random.key(0)
     with pytest.raises(ValueError, match=r"y: expected shape \[B, \*\(1, 1, 2\)\]"):
-        mod.solve(EPS_2x2, TOY, jnp.ones((3, 2, 2, 2)), cfg, key)
+        solvers.solve(cfg, EPS_2x2, TOY, jnp.ones((3, 2, 2, 2)), key)
     with pytest.raises(ValueError, match="add a leading batch axis"):
-        mod.solve(EPS_2x2, TOY, Y3[0], cfg, key)
+        solvers.solve(cfg, EPS_2x2, TOY, Y3[0], key)
     with pytest.raises(ValueError, match="finite"):
-        mod.solve(EPS_2x2, TOY, Y3.at[0, 0, 0, 0].set(jnp.nan), cfg, key)
+        solvers.solve(cfg, EPS_2x2, TOY, Y3.at[0, 0, 0, 0].set(jnp.nan), key)
     with pytest.raises(ValueError, match=r'noise\["z"\]: expected shape \(8, 3, 2, 2, 2\)'):
-        mod.solve(EPS_2x2, TOY, Y3, cfg, key, noise={"init": _noise(3)["init"], "z": jnp.ones(3)})
-    with pytest.raises(ValueError, match='keys "init" and "z"'):
-        mod.solve(EPS_2x2, TOY, Y3, cfg, key, noise={"init": _noise(3)["init"]})
-    with pytest.raises(TypeError, match="config: expected a"):
-        other = ddim.DDIMConfig() if name != "ddim" else dps.DPSConfig()
-        mod.solve(EPS_2x2, TOY, Y3, other, key)
+        solvers.solve(
+            cfg, EPS_2x2, TOY, Y3, key, noise={"init": _noise(3)["init"], "z": jnp.ones(3)}
+        )
+    with pytest.raises(ValueError, match=r"noise: expected a dict with keys \['init', 'z'\]"):
+        solvers.solve(cfg, EPS_2x2, TOY, Y3, key, noise={"init": _noise(3)["init"]})
+    # The config's class chooses the algorithm: anything that is not a config instance is refused.
+    with pytest.raises(TypeError, match="config: expected an algorithm config"):
+        solvers.solve(dataclasses.asdict(cfg), EPS_2x2, TOY, Y3, key)
+    with pytest.raises(TypeError, match="config: expected an algorithm config"):
+        solvers.solve(type(cfg), EPS_2x2, TOY, Y3, key)
     with pytest.raises(TypeError, match="eps_fn: expected a callable"):
-        mod.solve(None, TOY, Y3, cfg, key)
-    with pytest.raises(TypeError, match="key: expected a jax PRNG key"):
-        mod.solve(EPS_2x2, TOY, Y3, cfg, 0)
+        solvers.solve(cfg, None, TOY, Y3, key)
+    with pytest.raises(TypeError, match="key: expected one jax PRNG key"):
+        solvers.solve(cfg, EPS_2x2, TOY, Y3, 0)
     with pytest.raises(ValueError, match="eps_fn: expected an output of shape"):
-        mod.solve(lambda x, t: x[..., :1], TOY, Y3, cfg, key)
+        solvers.solve(cfg, lambda x, t: x[..., :1], TOY, Y3, key)
 
 
 def test_bad_configs_are_clear_errors():
@@ -725,4 +847,38 @@ def test_bad_configs_are_clear_errors():
     with pytest.raises(TypeError, match="remat"):
         dps.DPSConfig(remat=1)
     with pytest.raises(ValueError, match="shape"):
-        ddim.sample(EPS_2x2, (2, 2, 2), ddim.DDIMConfig(), jax.random.key(0))
+        solvers.sample(ddim.DDIMConfig(), EPS_2x2, (2, 2, 2), jax.random.key(0))
+    with pytest.raises(TypeError, match="config: DPSConfig needs a measurement"):
+        solvers.sample(dps.DPSConfig(), EPS_2x2, (2, 2, 2, 2), jax.random.key(0))
+    # Numeric hyper-parameters: bounds (negative step sizes / weights refused; DDRM eta and
+    # DiffPIR zeta in [0, 1]), finiteness and type, each error naming the field.
+    for cls, name, bad in [
+        (dps.DPSConfig, "zeta", -0.1),
+        (dps.DPSConfig, "eta", -0.5),
+        (pgdm.PGDMConfig, "w", -1.0),
+        (pgdm.PGDMConfig, "eta", -0.5),
+        (ddrm.DDRMConfig, "eta", -0.1),
+        (diffpir.DiffPIRConfig, "lam", -1.0),
+        (diffpir.DiffPIRConfig, "zeta", -0.1),
+        (diffpir.DiffPIRConfig, "sigma_y", -0.1),
+        (diffpir.DiffPIRConfig, "prox_lr", -1.0),
+        (ddim.DDIMConfig, "eta", float("nan")),
+        (dps.DPSConfig, "zeta", float("inf")),
+        (ddrm.DDRMConfig, "eta_b", float("nan")),
+    ]:
+        with pytest.raises(ValueError, match=f"{name}: expected a finite value"):
+            cls(**{name: bad})
+    with pytest.raises(TypeError, match="zeta: expected a real scalar"):
+        dps.DPSConfig(zeta="0.1")
+    with pytest.raises(TypeError, match="w: expected a real scalar"):
+        pgdm.PGDMConfig(w=jnp.ones(2))
+    with pytest.raises(TypeError, match="eta: expected a real scalar"):
+        ddim.DDIMConfig(eta=True)
+    # Edges of the bounds are accepted; a scalar array is a real scalar.
+    ddrm.DDRMConfig(eta=0.0)
+    ddrm.DDRMConfig(eta=1.0)
+    diffpir.DiffPIRConfig(zeta=1.0)
+    dps.DPSConfig(zeta=jnp.float32(0.2))
+    # Configs are keyword-only.
+    with pytest.raises(TypeError):
+        dps.DPSConfig(10, 0.5)

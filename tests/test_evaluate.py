@@ -7,9 +7,9 @@ import json
 import jax
 import pytest
 
-from reddiff_jax import cli, metrics
+from reddiff_jax import cli, metrics, pipeline
 from reddiff_jax import evaluate as E
-from reddiff_jax import restore as R
+from reddiff_jax.cli import evaluate as CE
 from reddiff_jax.model import save_pretrained
 
 TASKS = ("inpaint:box", "phase_retrieval")
@@ -44,7 +44,7 @@ def test_eval_table_skips_reruns_and_reproduces(tiny_model, tmp_path, monkeypatc
     def no_solve(*args, **kw):
         raise AssertionError("finished pairs must not be solved again")
 
-    monkeypatch.setattr(R, "_solve", no_solve)
+    monkeypatch.setattr(pipeline.solvers, "solve", no_solve)
     again = _evaluate(tiny_model, tmp_path / "a")
     assert again["tasks"] == res["tasks"]
     monkeypatch.undo()
@@ -64,18 +64,18 @@ def test_eval_argument_errors(tiny_model, tmp_path):
         _evaluate(tiny_model, tmp_path, steps={"dps": 3})
     with pytest.raises(ValueError, match="n: expected"):
         _evaluate(tiny_model, tmp_path, n=0)
-    assert E._parse_steps_arg("reddiff=5,dps=3") == {"reddiff": 5, "dps": 3}
-    assert E._parse_steps_arg("7") == 7
+    assert CE._parse_steps_arg("reddiff=5,dps=3") == {"reddiff": 5, "dps": 3}
+    assert CE._parse_steps_arg("7") == 7
     with pytest.raises(ValueError, match="--steps"):
-        E._parse_steps_arg("many")
-    assert E._parse_algo_params(["reddiff.lr=0.3", "dps.zeta=1"]) == {
+        CE._parse_steps_arg("many")
+    assert CE._parse_algo_params(["reddiff.lr=0.3", "dps.zeta=1"]) == {
         "reddiff": {"lr": "0.3"},
         "dps": {"zeta": "1"},
     }
     with pytest.raises(ValueError, match=r"ALGO\[@TASK\].KEY=VALUE"):
-        E._parse_algo_params(["lr=0.3"])
+        CE._parse_algo_params(["lr=0.3"])
     # per-task settings: the operator name or the full spec after "@"
-    params = E._parse_algo_params(
+    params = CE._parse_algo_params(
         ["reddiff.lr=0.3", "reddiff@blur.lam=0.05", "reddiff@blur:gaussian:9:2.0.lr=0.2"]
     )
     assert params["reddiff@blur:gaussian:9:2.0"] == {"lr": "0.2"}

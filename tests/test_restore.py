@@ -11,9 +11,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from reddiff_jax import cli, operators
+from reddiff_jax import cli, grid, imageio, operators, pipeline
 from reddiff_jax import restore as R
 from reddiff_jax.model import save_pretrained
+from reddiff_jax.solvers import registry
 
 STEPS, BATCH, TASK = 3, 2, "inpaint:box"  # one compiled solve shared by most tests
 
@@ -83,7 +84,7 @@ def test_interrupted_run_leaves_no_partial_file_and_resumes_identically(
     full = _run(tiny_model, tmp_path / "full", demo=True, n=5)
 
     calls = {"n": 0}
-    real_solve = R._solve
+    real_solve = pipeline.solvers.solve
 
     def interrupted(*args, **kw):
         calls["n"] += 1
@@ -92,7 +93,7 @@ def test_interrupted_run_leaves_no_partial_file_and_resumes_identically(
         return real_solve(*args, **kw)
 
     out = tmp_path / "resumed"
-    monkeypatch.setattr(R, "_solve", interrupted)
+    monkeypatch.setattr(pipeline.solvers, "solve", interrupted)
     with pytest.raises(KeyboardInterrupt):
         _run(tiny_model, out, demo=True, n=5)
     assert sorted(p.name for p in (out / "restored").iterdir()) == [
@@ -107,7 +108,7 @@ def test_interrupted_run_leaves_no_partial_file_and_resumes_identically(
     def replace_interrupted(src, dst):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(R, "_solve", real_solve)
+    monkeypatch.setattr(pipeline.solvers, "solve", real_solve)
     monkeypatch.setattr(os, "replace", replace_interrupted)
     with pytest.raises(KeyboardInterrupt):
         _run(tiny_model, out, demo=True, n=5)
@@ -124,7 +125,7 @@ def test_interrupted_run_leaves_no_partial_file_and_resumes_identically(
 def test_measured_y_without_truth(tiny_model, tmp_path):
     op = operators.make_from_spec(TASK, (32, 32, 1), key=jax.random.key(0))
     _, truth = R.load_heldout(3, image_shape=(32, 32, 1))
-    y = np.array(R.simulate(op, R._to_model(truth), jax.random.key(1), sigma_y=0.05))
+    y = np.array(pipeline.simulate(op, imageio.from_uint8(truth), jax.random.key(1), sigma_y=0.05))
     np.save(tmp_path / "y.npy", y)
     res = _run(tiny_model, tmp_path / "out", y=tmp_path / "y.npy")
     assert res.metrics is None and res.metrics_path is None
@@ -177,7 +178,7 @@ def test_algo_configs_follow_the_documented_defaults():
     assert R.algo_config("dps", "blur:gaussian").eta == 1.0
     assert R.algo_config("pgdm", "inpaint:box").project is True
     assert R.algo_config("ddrm", "sr:4", sigma_y=0.05).sigma_y == 0.05
-    for algo in R.ALGOS:
+    for algo in registry.conditional_names():
         for task in ("inpaint:box", "sr:4", "blur:gaussian", "phase_retrieval", "hdr"):
             assert R.algo_config(algo, task).num_steps == R.DEFAULT_STEPS
     with pytest.raises(ValueError, match="expected a float for lr"):
@@ -187,11 +188,11 @@ def test_algo_configs_follow_the_documented_defaults():
 def test_measurement_display_shapes():
     img = (32, 32, 1)
     lowres = np.full((8, 8, 1), 0.5, np.float32)
-    np.testing.assert_array_equal(R.measurement_display(lowres, img), np.full(img, 0.5))
+    np.testing.assert_array_equal(grid.measurement_display(lowres, img), np.full(img, 0.5))
     mag = np.random.default_rng(0).uniform(0, 5, (48, 48, 1)).astype(np.float32)
-    shown = R.measurement_display(mag, img)
+    shown = grid.measurement_display(mag, img)
     assert shown.shape == img and shown.min() >= -1 and shown.max() <= 1
-    assert np.all(R.measurement_display(np.ones(17, np.float32), img) == 0)
+    assert np.all(grid.measurement_display(np.ones(17, np.float32), img) == 0)
 
 
 def test_cli_restore(model_dir, tmp_path, capsys):

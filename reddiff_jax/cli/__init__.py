@@ -26,6 +26,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="reddiff-jax", description="RED-Diff image restoration with diffusion priors in JAX."
     )
+    from reddiff_jax import __version__
+
+    parser.add_argument("--version", action="version", version=f"reddiff-jax {__version__}")
     subparsers = parser.add_subparsers(dest="command", required=True)
     for module_name in COMMANDS.values():
         importlib.import_module(module_name).register(subparsers)

@@ -1,5 +1,146 @@
-"""`reddiff-jax restore` (moving here from reddiff_jax.restore)."""
+"""`reddiff-jax restore`: parses the arguments and calls :func:`reddiff_jax.restore.restore`.
 
-from reddiff_jax.restore import register
+Exit status: 0 done, 2 bad arguments or inputs (one-line error), 3 some images diverged (their
+status is in metrics.json and records/), 130 interrupted (finished outputs are kept).
+"""
 
-__all__ = ["register"]
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+
+from reddiff_jax.restore import DEFAULT_STEPS, restore
+from reddiff_jax.solvers import MAX_ABS, registry
+
+__all__ = ["add_solver_arguments", "parse_params", "register"]
+
+
+def _defaults_text() -> str:
+    lines = [f"solver defaults ({DEFAULT_STEPS} steps; official settings, see the module doc):"]
+    for name in registry.conditional_names():
+        table = registry.get(name).task_defaults
+        parts = [", ".join(f"{k} {v}" for k, v in table.get("*", {}).items()) or "config defaults"]
+        parts += [f"{task}: " + ", ".join(f"{k} {v}" for k, v in kv.items())
+                  for task, kv in table.items() if task != "*"]  # fmt: skip
+        lines.append(f"  {name}: " + "; ".join(parts))
+    lines.append("example: reddiff-jax restore --demo --n 8 --task sr:4 --out outputs/demo_sr4")
+    return "\n".join(lines)
+
+
+def parse_params(items: Sequence[str]) -> dict[str, str]:
+    out = {}
+    for item in items:
+        if "=" not in item:
+            raise ValueError(f"--param: expected KEY=VALUE, got {item!r}")
+        k, v = item.split("=", 1)
+        out[k.strip().replace("-", "_")] = v.strip()
+    return out
+
+
+def add_solver_arguments(parser: argparse.ArgumentParser) -> None:
+    """The solver options shared by ``restore`` and ``eval``."""
+    parser.add_argument(
+        "--steps", type=int, default=None, help=f"solver steps (default {DEFAULT_STEPS})"
+    )
+    parser.add_argument("--sigma-y", type=float, default=0.0, help="noise: y = A(x) + 2 sigma_y n")
+    parser.add_argument("--model", default=None, help="checkpoint folder (default: mnist32)")
+    parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    parser.add_argument("--batch", type=int, default=8, help="images per solver call (default 8)")
+    parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+
+
+def _fmt(v: float | None, digits: int) -> str:
+    return "inf" if v is None else f"{v:.{digits}f}"
+
+
+def _run(args: argparse.Namespace) -> int:
+    params = parse_params(args.param or [])
+    for name in ("lam", "lr", "zeta", "eta"):
+        value = getattr(args, name)
+        if value is not None:
+            params[name] = value
+    result = restore(
+        jax.random.key(args.seed),
+        args.inputs,
+        out=args.out,
+        task=args.task,
+        algo=args.algo,
+        sigma_y=args.sigma_y,
+        steps=args.steps,
+        model=args.model,
+        demo=args.demo,
+        n=args.n,
+        y=args.y,
+        batch=args.batch,
+        params=params,
+        grid_rows=args.grid_rows,
+        overwrite=args.overwrite,
+        progress=not args.no_progress,
+    )
+    if args.steps is not None and result.iterations != args.steps:
+        print(f"note: the official grid range(0, 1000, 1000 // {args.steps}) takes "
+              f"{result.iterations} steps, not {args.steps}")  # fmt: skip
+    print(
+        f"restored {result.solved} image(s), kept {result.skipped} finished; "
+        f"outputs in {result.out}"
+    )
+    if result.metrics is not None:
+        for which in ("pinv", "restored"):
+            m = result.metrics[which]
+            print(
+                f"  {which:>8}: PSNR {_fmt(m['psnr']['mean'], 2)} dB  "
+                f"SSIM {_fmt(m['ssim']['mean'], 4)} (mean of {result.metrics['n_images']})"
+            )
+    print(f"  grid: {result.grid}")
+    if result.failed:
+        print(
+            f"reddiff-jax restore: warning: {len(result.failed)} image(s) diverged "
+            f"(non-finite or |x| > {MAX_ABS:g}): {', '.join(result.failed[:10])}; lower the step "
+            "size (--lr, --zeta, ...) and rerun with --overwrite",
+            file=sys.stderr,
+        )
+        return 3
+    return 0
+
+
+def register(subparsers: Any) -> argparse.ArgumentParser:
+    """Adds ``reddiff-jax restore`` to the CLI's subparsers (sets ``func``)."""
+    p = subparsers.add_parser(
+        "restore",
+        help="restore images (files, a folder, or --demo digits) with a diffusion prior",
+        description=(
+            "Simulates a measurement of each input image (or reads --y), restores it with the "
+            "chosen solver and writes restored/*.png, grid.png and metrics.json into --out. "
+            "A rerun into the same --out skips finished images."
+        ),
+        epilog=_defaults_text(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("inputs", nargs="*", help="image files or folders (size of the model)")
+    p.add_argument("--demo", action="store_true", help="use the held-out digits of mnist32")
+    p.add_argument("--n", type=int, default=None, help="number of images (demo default 8)")
+    p.add_argument("--task", default="inpaint:box", help="operator spec (default inpaint:box)")
+    p.add_argument(
+        "--algo",
+        default="reddiff",
+        choices=registry.conditional_names(),
+        help="solver (default reddiff)",
+    )
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--y", default=None, help="measured y (.npy/.npz, or image files)")
+    p.add_argument("--lam", type=float, default=None, help="reddiff lambda (default per task)")
+    p.add_argument("--lr", type=float, default=None, help="reddiff Adam lr (default per task)")
+    p.add_argument("--zeta", type=float, default=None, help="dps/diffpir step zeta")
+    p.add_argument("--eta", type=float, default=None, help="dps/pgdm/ddrm eta")
+    p.add_argument(
+        "--param", action="append", metavar="KEY=VALUE", help="any solver setting (repeatable)"
+    )
+    p.add_argument("--grid-rows", type=int, default=8, help="images shown in grid.png")
+    p.add_argument("--overwrite", action="store_true", help="reuse an --out of another run")
+    add_solver_arguments(p)
+    p.set_defaults(func=_run)
+    return p

@@ -131,7 +131,7 @@ def ddrm(eps_fn: Callable, op: Any, *, config: DDRMConfig, alphas_cumprod: Array
         z = z.reshape(B, n)
         Vt_x0 = Vt(x0)
         std = sig_s * eta
-        sig_tilde = jnp.sqrt(sig_s**2 - std**2)
+        sig_tilde = jnp.sqrt(jnp.maximum(sig_s**2 - std**2, 0.0))  # 0 at eta = 1, not -ulp
         missing = Vt_x0 + sig_tilde * Vt(eps) + std * z
         safe_sig_y = jnp.where(sig_y > 0, sig_y, 1.0)
         after = Vt_x0 + sig_tilde * (Ut_y - s * Vt_x0) / safe_sig_y + std * z
