@@ -16,14 +16,10 @@ with `model.save_pretrained`, a model card and a grid of DDIM samples.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import functools
 import json
-import os
-import shlex
 import shutil
-import sys
 import time
 import uuid
 from collections.abc import Callable
@@ -39,7 +35,7 @@ import optax
 import orbax.checkpoint as ocp
 
 from reddiff_jax import data as data_lib
-from reddiff_jax import diffusion
+from reddiff_jax import diffusion, imageio
 from reddiff_jax.unet import UNet, UNetConfig
 
 __all__ = [
@@ -53,7 +49,6 @@ __all__ = [
     "init_state",
     "make_optimizer",
     "make_train_step",
-    "register",
     "sample_grid",
     "train",
 ]
@@ -383,14 +378,7 @@ def train(
         non-finite loss (the last good checkpoint is kept).
       FileNotFoundError: `stop_after=0` and `workdir` holds no checkpoint.
     """
-    images = np.asarray(images)
-    n = model_config.image_size
-    expected = (n, n, model_config.in_channels)
-    if images.ndim != 4 or images.shape[1:] != expected or images.dtype != np.uint8:
-        raise ValueError(
-            f"images: expected uint8 [N, {n}, {n}, {model_config.in_channels}] for this model "
-            f"config, got {images.dtype} {images.shape}"
-        )
+    images = _check_images(images, model_config)
     workdir = Path(workdir)
     k_init, k_data, k_step = jax.random.split(key, 3)
     template = init_state(k_init, model_config, train_config)
@@ -404,27 +392,7 @@ def train(
     }
     mngr = _manager(workdir, train_config)
     try:
-        restored = _restore(mngr, template)
-        if restored is None and stop_after == 0:
-            raise FileNotFoundError(f"workdir: no training checkpoint in {workdir} to export")
-        if restored is None:
-            state = template
-        else:
-            state, old = restored
-            if old["model_config"] != meta["model_config"]:
-                raise ValueError(
-                    f"workdir: {workdir} holds a run of another model config "
-                    f"({old['model_config']}); use a new --workdir"
-                )
-            old_train = TrainConfig(**old["train_config"])
-            if _comparable(old_train) != _comparable(train_config):
-                raise ValueError(
-                    f"workdir: {workdir} holds a run with other settings {_comparable(old_train)}; "
-                    f"got {_comparable(train_config)}; use a new --workdir"
-                )
-            meta["wall_time"] = float(old["wall_time"])
-            meta["loss_trace"] = list(old["loss_trace"])
-            meta["commands"] = list(old.get("commands", []))
+        state = _resume(mngr, template, meta, workdir, train_config, export_only=stop_after == 0)
         if command is not None and stop_after != 0:
             meta["commands"].append({"start_step": int(state.step), "command": command})
         start = int(state.step)
@@ -433,51 +401,18 @@ def train(
             if stop_after is None
             else min(train_config.steps, start + stop_after)
         )
-        step_fn = make_train_step(model_config, train_config)
         batches = data_lib.batches(k_data, images, train_config.batch_size, start_step=start)
-        losses: list[float] = []
-        bar = _progress(progress, start, train_config.steps)
-        clock = time.perf_counter()
-
-        def checkpoint() -> None:
-            nonlocal clock
-            now = time.perf_counter()
-            meta["wall_time"] += now - clock
-            clock = now
-            meta["loss_trace"] = meta["loss_trace"][-_LOSS_TRACE:]
-            if int(state.step) in mngr.all_steps():
-                return
-            _save(mngr, state, meta)
-            if log is not None:
-                recent = float(np.mean(meta["loss_trace"][-100:] or [np.nan]))
-                log(
-                    f"step {int(state.step)}/{train_config.steps}  loss(last 100) {recent:.4f}  "
-                    f"wall {meta['wall_time']:.0f}s"
-                )
-
-        try:
-            for s in range(start, end):
-                state, loss = step_fn(state, next(batches), k_step)  # donates the old state
-                loss = float(loss)
-                if not np.isfinite(loss):
-                    raise ValueError(
-                        f"training loss became non-finite ({loss}) at step {s}; lower the "
-                        f"learning rate (lr={train_config.lr}) or check the data; the last "
-                        f"checkpoint in {workdir} is kept"
-                    )
-                losses.append(loss)
-                meta["loss_trace"].append(loss)
-                bar.update(1)
-                bar.set_postfix(loss=f"{np.mean(losses[-50:]):.4f}", refresh=False)
-                if (s + 1) % train_config.checkpoint_every == 0:
-                    checkpoint()
-        except KeyboardInterrupt:
-            if not any(leaf.is_deleted() for leaf in jax.tree.leaves(state)):
-                checkpoint()  # the state after the last finished step
-            raise
-        finally:
-            bar.close()
-        checkpoint()
+        state, losses = _run_steps(
+            state,
+            batches,
+            k_step,
+            range(start, end),
+            make_train_step(model_config, train_config),
+            train_config,
+            _Checkpointer(mngr, meta, train_config.steps, log),
+            progress=progress,
+            workdir=workdir,
+        )
     finally:
         mngr.close()
     return TrainResult(
@@ -488,6 +423,124 @@ def train(
         wall_time=float(meta["wall_time"]),
         resumed_from=start,
     )
+
+
+def _check_images(images: np.ndarray, model_config: UNetConfig) -> np.ndarray:
+    images = np.asarray(images)
+    n = model_config.image_size
+    expected = (n, n, model_config.in_channels)
+    if images.ndim != 4 or images.shape[1:] != expected or images.dtype != np.uint8:
+        raise ValueError(
+            f"images: expected uint8 [N, {n}, {n}, {model_config.in_channels}] for this model "
+            f"config, got {images.dtype} {images.shape}"
+        )
+    return images
+
+
+def _resume(
+    mngr: ocp.CheckpointManager,
+    template: TrainState,
+    meta: dict[str, Any],
+    workdir: Path,
+    train_config: TrainConfig,
+    *,
+    export_only: bool,
+) -> TrainState:
+    """The latest checkpoint's state (its wall time, losses and commands go into `meta`), or
+    `template` when there is none; refuses a workdir of another run."""
+    restored = _restore(mngr, template)
+    if restored is None and export_only:
+        raise FileNotFoundError(f"workdir: no training checkpoint in {workdir} to export")
+    if restored is None:
+        return template
+    state, old = restored
+    if old["model_config"] != meta["model_config"]:
+        raise ValueError(
+            f"workdir: {workdir} holds a run of another model config "
+            f"({old['model_config']}); use a new --workdir"
+        )
+    old_train = TrainConfig(**old["train_config"])
+    if _comparable(old_train) != _comparable(train_config):
+        raise ValueError(
+            f"workdir: {workdir} holds a run with other settings {_comparable(old_train)}; "
+            f"got {_comparable(train_config)}; use a new --workdir"
+        )
+    meta["wall_time"] = float(old["wall_time"])
+    meta["loss_trace"] = list(old["loss_trace"])
+    meta["commands"] = list(old.get("commands", []))
+    return state
+
+
+class _Checkpointer:
+    """Saves `state` with `meta` (wall time and loss trace brought up to date) once per step."""
+
+    def __init__(
+        self,
+        mngr: ocp.CheckpointManager,
+        meta: dict[str, Any],
+        total_steps: int,
+        log: Callable[[str], None] | None,
+    ) -> None:
+        self.mngr, self.meta, self.total_steps, self.log = mngr, meta, total_steps, log
+        self.clock = time.perf_counter()
+
+    def __call__(self, state: TrainState) -> None:
+        meta = self.meta
+        now = time.perf_counter()
+        meta["wall_time"] += now - self.clock
+        self.clock = now
+        meta["loss_trace"] = meta["loss_trace"][-_LOSS_TRACE:]
+        if int(state.step) in self.mngr.all_steps():
+            return
+        _save(self.mngr, state, meta)
+        if self.log is not None:
+            recent = float(np.mean(meta["loss_trace"][-100:] or [np.nan]))
+            self.log(
+                f"step {int(state.step)}/{self.total_steps}  loss(last 100) {recent:.4f}  "
+                f"wall {meta['wall_time']:.0f}s"
+            )
+
+
+def _run_steps(
+    state: TrainState,
+    batches: Any,
+    key: jax.Array,
+    steps: range,
+    step_fn: Callable[[TrainState, jax.Array, jax.Array], tuple[TrainState, jax.Array]],
+    train_config: TrainConfig,
+    checkpoint: _Checkpointer,
+    *,
+    progress: bool,
+    workdir: Path,
+) -> tuple[TrainState, list[float]]:
+    """Runs `steps`, checkpointing every `checkpoint_every` steps, at the end and on Ctrl-C."""
+    losses: list[float] = []
+    meta = checkpoint.meta
+    bar = _progress(progress, steps.start, train_config.steps)
+    try:
+        for s in steps:
+            state, loss = step_fn(state, next(batches), key)  # donates the old state
+            loss = float(loss)
+            if not np.isfinite(loss):
+                raise ValueError(
+                    f"training loss became non-finite ({loss}) at step {s}; lower the "
+                    f"learning rate (lr={train_config.lr}) or check the data; the last "
+                    f"checkpoint in {workdir} is kept"
+                )
+            losses.append(loss)
+            meta["loss_trace"].append(loss)
+            bar.update(1)
+            bar.set_postfix(loss=f"{np.mean(losses[-50:]):.4f}", refresh=False)
+            if (s + 1) % train_config.checkpoint_every == 0:
+                checkpoint(state)
+    except KeyboardInterrupt:
+        if not any(leaf.is_deleted() for leaf in jax.tree.leaves(state)):
+            checkpoint(state)  # the state after the last finished step
+        raise
+    finally:
+        bar.close()
+    checkpoint(state)
+    return state, losses
 
 
 class _NoBar:
@@ -539,16 +592,17 @@ def sample_grid(
     Returns:
       uint8 [rows * H, cols * W, C] with cols = ceil(sqrt(num)).
     """
-    from reddiff_jax.solvers import ddim
+    from reddiff_jax import solvers
 
     cfg = model.config
     shape = (num, cfg.image_size, cfg.image_size, cfg.in_channels)
-    config = ddim.DDIMConfig(
+    config = solvers.DDIMConfig(
         num_steps=num_steps, eta=0.0, schedule=schedule, num_timesteps=num_timesteps
     )
     ac = diffusion.alphas_cumprod(schedule, num_timesteps)
     eps_fn = functools.partial(_clipped_eps, model, ac) if clip_denoised else model.eps
-    x = np.asarray(ddim.sample(eps_fn, shape, config, key).x0_pred)
+    # The last DDIM step goes to alpha = 1, so the final iterate is that step's x̂0.
+    x = np.asarray(solvers.sample(config, eps_fn, shape, key, throw=False).x)
     return _tile(x)
 
 
@@ -563,13 +617,6 @@ def _tile(x: np.ndarray) -> np.ndarray:
         r, col = divmod(i, cols)
         grid[r * h : (r + 1) * h, col * w : (col + 1) * w] = pixels[i]
     return grid
-
-
-def _save_png(image: np.ndarray, path: Path, *, scale: int = 1) -> None:
-    from PIL import Image
-
-    image = np.repeat(np.repeat(image, scale, axis=0), scale, axis=1)
-    Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image).save(path)
 
 
 def export(
@@ -629,7 +676,7 @@ def export(
         schedule=train_config.schedule,
         num_timesteps=train_config.num_timesteps,
     )
-    _save_png(grid, out / "samples.png", scale=2)
+    imageio.save_png(out / "samples.png", grid, scale=2)
     (out / "README.md").write_text(_model_card(metadata, model_config, sample_steps, card_extra))
     return out
 
@@ -670,128 +717,3 @@ def _model_card(meta: dict[str, Any], cfg: UNetConfig, sample_steps: int, extra:
         "",
     ]
     return "\n".join(lines) + ("\n" + extra.strip() + "\n" if extra.strip() else "")
-
-
-# ------------------------------------------------------------------------------------------------
-# Command line.
-
-
-def register(subparsers: Any) -> None:
-    """Adds the `train` subcommand."""
-    p = subparsers.add_parser(
-        "train",
-        help="train a UNet prior (DDPM epsilon prediction)",
-        description="Train an ADM UNet with the DDPM simple loss; resumable; exports EMA weights.",
-    )
-    p.add_argument("--data", required=True, help=".npz/.npy (uint8 [N,H,W,C]) or image folder")
-    p.add_argument("--out", required=True, help="export directory (EMA params, README.md, PNG)")
-    p.add_argument(
-        "--config",
-        default="tiny-mnist",
-        help="preset name or UNetConfig .json (default tiny-mnist)",
-    )
-    p.add_argument("--workdir", help="training checkpoints (default outputs/train/<out name>)")
-    defaults = TrainConfig()
-    p.add_argument("--steps", type=int, default=defaults.steps)
-    p.add_argument("--batch", type=int, default=defaults.batch_size)
-    p.add_argument("--lr", type=float, default=defaults.lr)
-    p.add_argument("--warmup", type=int, default=defaults.warmup_steps)
-    p.add_argument("--weight-decay", type=float, default=defaults.weight_decay)
-    p.add_argument("--grad-clip", type=float, default=defaults.grad_clip)
-    p.add_argument("--ema-decay", type=float, default=defaults.ema_decay)
-    p.add_argument("--checkpoint-every", type=int, default=defaults.checkpoint_every)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--samples", type=int, default=64, help="images in the sample grid")
-    p.add_argument("--sample-steps", type=int, default=50, help="DDIM steps for the grid")
-    p.add_argument("--name", default=None, help="title of the model card")
-    p.add_argument("--card-notes", default=None, help="markdown file appended to the model card")
-    p.add_argument(
-        "--export-only", action="store_true", help="export the latest checkpoint without training"
-    )
-    p.add_argument("--no-progress", action="store_true")
-    p.set_defaults(func=run)
-
-
-def _command_line(args: argparse.Namespace, workdir: Path) -> str:
-    """The training command with every setting spelled out (defaults included)."""
-    parts = ["reddiff-jax", "train", "--data", str(args.data), "--out", str(args.out)]
-    parts += ["--config", str(args.config), "--workdir", str(workdir)]
-    for flag, value in (
-        ("--steps", args.steps),
-        ("--batch", args.batch),
-        ("--lr", args.lr),
-        ("--warmup", args.warmup),
-        ("--weight-decay", args.weight_decay),
-        ("--grad-clip", args.grad_clip),
-        ("--ema-decay", args.ema_decay),
-        ("--checkpoint-every", args.checkpoint_every),
-        ("--seed", args.seed),
-    ):
-        parts += [flag, str(value)]
-    return shlex.join(parts)
-
-
-def run(args: argparse.Namespace) -> int:
-    """Runs `reddiff-jax train` from parsed arguments."""
-    model_config = get_model_config(args.config)
-    notes = ""
-    if args.card_notes:
-        notes_path = Path(args.card_notes)
-        if not notes_path.is_file():
-            raise FileNotFoundError(f"card-notes: {notes_path} does not exist")
-        notes = notes_path.read_text()
-    train_config = TrainConfig(
-        steps=args.steps,
-        batch_size=args.batch,
-        lr=args.lr,
-        warmup_steps=args.warmup,
-        weight_decay=args.weight_decay,
-        grad_clip=args.grad_clip,
-        ema_decay=args.ema_decay,
-        checkpoint_every=args.checkpoint_every,
-    )
-    out = Path(args.out)
-    workdir = Path(args.workdir) if args.workdir else Path("outputs") / "train" / out.name
-    images = data_lib.load_images(args.data)
-    key = jax.random.key(args.seed)  # the only seed -> key conversion
-    stop_after = 0 if args.export_only else None
-
-    def log(line: str) -> None:
-        from tqdm.auto import tqdm
-
-        tqdm.write(line, file=sys.stderr)  # keeps the progress bar intact
-
-    command = _command_line(args, workdir)
-    result = train(
-        key,
-        images,
-        model_config,
-        train_config,
-        workdir=workdir,
-        progress=not args.no_progress,
-        stop_after=stop_after,
-        log=log,
-        command=command,
-    )
-    info = {
-        "name": args.name or f"reddiff-jax prior {out.name}",
-        "export_command": command + (" --export-only" if args.export_only else ""),
-        "data": str(args.data),
-        "num_examples": int(images.shape[0]),
-        "seed": args.seed,
-        "hardware": f"{jax.devices()[0].platform}, {jax.device_count()} device(s), "
-        f"{os.cpu_count()} CPU cores",
-    }
-    export(
-        jax.random.fold_in(key, 1_000_003),
-        result,
-        model_config,
-        train_config,
-        out,
-        info=info,
-        num_samples=args.samples,
-        sample_steps=args.sample_steps,
-        card_extra=notes,
-    )
-    log(f"exported step {int(result.state.step)} EMA weights to {out}")
-    return 0

@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 
 from reddiff_jax import cli
+from reddiff_jax.cli.convert import load_config_file
 from reddiff_jax.convert import (
     CONVERTER_VERSION,
     CheckpointFormatError,
@@ -28,7 +29,6 @@ from reddiff_jax.convert import (
     read_torch_zip,
     torch_to_flax_layout,
 )
-from reddiff_jax.convert.command import load_config_file
 from reddiff_jax.model import load_pretrained, param_shapes, read_metadata
 from reddiff_jax.unet import PRESETS, UNetConfig
 
@@ -259,16 +259,16 @@ def _run_convert(argv: list[str]) -> int:
     Other subcommands live in modules owned elsewhere; this test must not depend on them.
     Errors are re-raised (the CLI turns them into exit status 2) so tests can match them.
     """
-    from reddiff_jax.convert import command
+    from reddiff_jax.cli import convert as convert_cli
 
     parser = argparse.ArgumentParser(prog="reddiff-jax")
-    command.register(parser.add_subparsers(dest="command", required=True))
+    convert_cli.register(parser.add_subparsers(dest="command", required=True))
     args = parser.parse_args(["convert", *argv])
     return args.func(args)
 
 
 def test_convert_cli_end_to_end(tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(cli, "COMMANDS", {"convert": "reddiff_jax.convert.command"})
+    monkeypatch.setattr(cli, "COMMANDS", {"convert": "reddiff_jax.cli.convert"})
     name = "tiny_plain_conv_resample"
     src, cfg = FIXTURES / f"{name}.pt", FIXTURES / f"{name}.config.json"
     dst = tmp_path / "ckpt"

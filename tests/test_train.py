@@ -176,9 +176,11 @@ def test_config_errors():
         train_lib.TrainConfig(ema_decay=1.0)
 
 
-def test_cli_trains_and_exports(tmp_path):
+def test_cli_trains_and_exports(tmp_path, monkeypatch):
     from reddiff_jax.model import load_pretrained
 
+    # Only `train` is registered: the other subcommands' modules are not under test here.
+    monkeypatch.setattr(cli, "COMMANDS", {"train": "reddiff_jax.cli.train"})
     np.savez(tmp_path / "d.npz", images=_digits())
     out = tmp_path / "prior"
     out.mkdir()
