@@ -36,7 +36,7 @@ def _checkpoints_root() -> Path:
     return root
 
 
-def embedded_model_path(name: str = DEFAULT) -> Path:
+def embedded_model_path(name: str) -> Path:
     """The checkpoint directory of the embedded prior `name` (one of `EMBEDDED`).
 
     Raises:

@@ -143,7 +143,7 @@ def config_record(config: SolverConfig) -> dict[str, Any]:
     return out
 
 
-def prepare_out(out: str | Path, subdirs: Sequence[str] = ()) -> Path:
+def prepare_out(out: str | Path, *, subdirs: Sequence[str] = ()) -> Path:
     """Creates ``out`` and its ``subdirs`` and checks it is writable; ValueError otherwise."""
     out = Path(out)
     try:
@@ -158,7 +158,7 @@ def prepare_out(out: str | Path, subdirs: Sequence[str] = ()) -> Path:
     return out
 
 
-def read_record(path: Path, name: str | None = None) -> dict | None:
+def read_record(path: Path, *, name: str | None = None) -> dict | None:
     """A JSON record (a dict), or None when missing, unreadable or for another ``name``."""
     try:
         record = json.loads(path.read_text())

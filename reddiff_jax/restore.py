@@ -1,6 +1,6 @@
 """The main job: restore images from simulated (or measured) degradations with a diffusion prior.
 
-``restore(key, inputs, *, out, task, algo, ...)`` reads clean images (files, folders, or the
+``restore(key, *, inputs, out, task, algo, ...)`` reads clean images (files, folders, or the
 held-out digits of the embedded prior with ``demo=True``), simulates the measurement
 ``y = A(x) + 2 sigma_y n`` (or reads a measured ``y``), solves in fixed batches
 (:mod:`reddiff_jax.pipeline`: one compilation, reused), and writes into ``out``:
@@ -174,7 +174,7 @@ def load_measurements(
 # restore
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class RestoreOutputs:
     """What :func:`restore` wrote.
 
@@ -269,7 +269,7 @@ def _claim_out(out: Path, settings: dict, names: list[str], overwrite: bool) -> 
         return {}
     finished = {}
     for i, name in enumerate(names):
-        rec = pipeline.read_record(out / "records" / f"{name}.json", name)
+        rec = pipeline.read_record(out / "records" / f"{name}.json", name=name)
         if rec is not None and (out / "restored" / f"{name}.png").is_file():
             finished[i] = rec
     return finished
@@ -351,8 +351,8 @@ def _check_options(algo: str, sigma_y: Any, batch: Any, grid_rows: Any) -> None:
 
 def restore(
     key: jax.Array,
-    inputs: Sequence[str | os.PathLike] = (),
     *,
+    inputs: Sequence[str | os.PathLike] = (),
     out: str | os.PathLike,
     task: str = "inpaint:box",
     algo: str = "reddiff",
@@ -408,7 +408,7 @@ def restore(
         raise ValueError(f"algo: {algo} cannot solve task {task!r}: {reason}")
     names, truth, y_arr = _gather(inputs, demo=demo, n=n, y=y, op=op, image_shape=image_shape,
                                   key=k_y, sigma_y=sigma_y)  # fmt: skip
-    out = pipeline.prepare_out(out, ("restored", "records"))
+    out = pipeline.prepare_out(out, subdirs=("restored", "records"))
     settings = {"task": task, "algo": algo, "sigma_y": float(sigma_y),
                 "config": pipeline.config_record(config), "model": model_name,
                 "key": pipeline.key_data(key), "batch": int(batch),

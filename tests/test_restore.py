@@ -36,7 +36,7 @@ def digits_dir(tmp_path_factory) -> Path:
 
 def _run(model, out, inputs=(), **kw):
     kw = {"task": TASK, "steps": STEPS, "batch": BATCH, "progress": False, **kw}
-    return R.restore(jax.random.key(7), inputs, out=out, model=model, **kw)
+    return R.restore(jax.random.key(7), inputs=inputs, out=out, model=model, **kw)
 
 
 def _temp_files(folder: Path) -> list[Path]:

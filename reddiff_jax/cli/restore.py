@@ -65,7 +65,7 @@ def _run(args: argparse.Namespace) -> int:
             params[name] = value
     result = restore(
         jax.random.key(args.seed),
-        args.inputs,
+        inputs=args.inputs,
         out=args.out,
         task=args.task,
         algo=args.algo,

@@ -402,7 +402,7 @@ class SeparableOperator(LinearOperator):
 # ---------------------------------------------------------------------------------------------
 # Helpers
 # ---------------------------------------------------------------------------------------------
-def batched(op: Operator, method: str = "A", *, per_image: bool = False) -> Callable:
+def batched(op: Operator, method: str, *, per_image: bool = False) -> Callable:
     """Batch an operator method over a leading axis.
 
     Args:

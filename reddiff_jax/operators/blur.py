@@ -67,7 +67,7 @@ def _check_size(size, name: str = "size") -> int:
     return int(size)
 
 
-def gaussian_kernel(size: int = 9, *, sigma: float = 2.0) -> jnp.ndarray:
+def gaussian_kernel(size: int, *, sigma: float = 2.0) -> jnp.ndarray:
     """1-D Gaussian taps ``exp(-0.5 (i / sigma)²)``, i = -size//2 .. size//2, normalised to sum 1.
 
     The official ``deblur_gauss`` is ``gaussian_kernel(5, sigma=25.0)`` (almost a box).
@@ -80,7 +80,7 @@ def gaussian_kernel(size: int = 9, *, sigma: float = 2.0) -> jnp.ndarray:
     return _asarray(k / k.sum(), np.float32)
 
 
-def uniform_kernel(size: int = 9) -> jnp.ndarray:
+def uniform_kernel(size: int) -> jnp.ndarray:
     """1-D box taps ``1 / size`` (official ``deblur_uni``: size 9)."""
     size = _check_size(size)
     return _asarray(np.full((size,), 1.0 / size, np.float32))

@@ -23,7 +23,7 @@ def _check_rounding(rounding) -> str:
     return rounding
 
 
-def round_surrogate(u: jnp.ndarray, rounding: str = "smooth") -> jnp.ndarray:
+def round_surrogate(u: jnp.ndarray, rounding: str) -> jnp.ndarray:
     """Round half up, ``r = floor(u + 0.5)``, with a choice of gradient.
 
     * ``"exact"``: r (gradient 0 almost everywhere, as upstream's torch.floor);

@@ -227,7 +227,7 @@ class SolverConfig:
         raise NotImplementedError(f"{type(self).__name__} does not implement build()")
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class Algorithm:
     """What the library knows about one algorithm (one entry of the registry).
 
@@ -277,7 +277,7 @@ def padded_alphas(alphas_cumprod: Array) -> Array:
     return jnp.concatenate([jnp.ones((1,), ac.dtype), ac])
 
 
-def step_inputs(config: SolverConfig, alphas_cumprod: Array | None = None) -> StepInput:
+def step_inputs(config: SolverConfig, *, alphas_cumprod: Array | None = None) -> StepInput:
     """The :class:`StepInput` of every step, stacked [K], for driving ``step`` by hand."""
     ac = schedule_of(config, alphas_cumprod)
     ts = config.timesteps()

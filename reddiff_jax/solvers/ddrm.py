@@ -72,7 +72,7 @@ class DDRMConfig(SolverConfig):
         return ddrm(eps_fn, op, config=self, alphas_cumprod=alphas_cumprod)
 
 
-def get_svd(op: Any, solver: str = "DDRM") -> Any:
+def get_svd(op: Any, *, solver: str = "DDRM") -> Any:
     """``op.svd`` or a TypeError saying the solver needs an operator with an SVD."""
     svd = getattr(op, "svd", None)
     missing = [m for m in ("Vt", "V", "Ut", "U", "singulars") if not hasattr(svd, m)]

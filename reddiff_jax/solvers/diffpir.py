@@ -131,7 +131,7 @@ def prox(
     """
     use_svd = mode == "svd" or (mode == "auto" and getattr(op, "svd", None) is not None)
     if use_svd:
-        get_svd(op, "DiffPIR (prox='svd')")
+        get_svd(op, solver="DiffPIR (prox='svd')")
         return _prox_svd(op, y, x0, rho)
     return _prox_gradient(op, y, x0, rho, steps=steps, lr=lr)
 
@@ -140,7 +140,7 @@ def diffpir(eps_fn: Callable, op: Any, *, config: DiffPIRConfig, alphas_cumprod:
     """The DiffPIR :class:`Solver` (no gradient through the network; one call per step)."""
     require(op, "A_dagger", "DiffPIR", "its init is sqrt(a_T) A_dagger(y) + sqrt(1 - a_T) n")
     if config.prox == "svd":
-        get_svd(op, "DiffPIR (prox='svd')")
+        get_svd(op, solver="DiffPIR (prox='svd')")
     a_T = first_alpha(config, alphas_cumprod)
 
     def init(y, hyper, draws):

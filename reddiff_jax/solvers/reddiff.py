@@ -93,7 +93,7 @@ def snr_weight(weighting: str, snr_inv: Array) -> Array:
     raise ValueError(f"weighting: expected one of {WEIGHTINGS}, got {weighting!r}")
 
 
-def default_optimizer(lr: float | Array = 0.1) -> optax.GradientTransformation:
+def default_optimizer(*, lr: float | Array = 0.1) -> optax.GradientTransformation:
     """The official optimiser, torch ``Adam(lr, betas=(0.9, 0.99), eps=1e-8)``, no weight decay.
 
     Wrapped in ``optax.inject_hyperparams`` so the learning rate lives in the state
@@ -172,7 +172,7 @@ class RedDiffConfig(SolverConfig):
         return float(self.sigma_x0) > 0
 
     def make_optimizer(self) -> optax.GradientTransformation:
-        return self.optimizer if self.optimizer is not None else default_optimizer(self.lr)
+        return self.optimizer if self.optimizer is not None else default_optimizer(lr=self.lr)
 
     def hyperparams(self) -> dict[str, Array]:
         out = super().hyperparams()
