@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from reddiff_jax.solvers import registry
+from reddiff_jax.solvers import _scan_convs, registry
 from reddiff_jax.solvers.base import (
     SolveError,
     SolverConfig,
@@ -81,6 +81,7 @@ class _Statics(NamedTuple):
     op: Any
     x_shape: tuple[int, ...]
     trajectory: bool
+    remat: bool = False  # jax.checkpoint each step (memory of a backward pass: one state a step)
 
 
 class _Carry(NamedTuple):
@@ -132,7 +133,11 @@ def _chunk_core(statics: _Statics, dyn: dict, key, carry: _Carry, ks, ts, ss, no
             rec["trajectory"] = {"x": out.x, "x0": out.x0}
         return _Carry(state, failed, reason), rec
 
-    return jax.lax.scan(body, carry, (ks, ts, ss, noise))
+    # The one scan of the code base; its body's convolutions are made canonical, so XLA CPU runs
+    # the input-gradient convolutions of DPS / PGDM on its fast path (see _scan_convs).
+    if statics.remat:
+        body = jax.checkpoint(body)
+    return _scan_convs.scan(body, carry, (ks, ts, ss, noise))
 
 
 def _finish_core(statics: _Statics, dyn: dict, carry: _Carry, recs: dict, ts) -> Solution:
@@ -325,6 +330,7 @@ def solve(
     progress: Any = False,
     throw: bool = True,
     max_abs: float | None = MAX_ABS,
+    remat: bool = False,
 ) -> Solution:
     """Solves the inverse problem ``y = A(x) + noise`` for a batch with the algorithm ``config``.
 
@@ -350,6 +356,9 @@ def solve(
         non-finite or leaves ``|x| <= max_abs``; False returns them in ``status`` instead (use
         False under an outer ``jit``/``vmap``).
       max_abs: the divergence bound (None: only non-finite values fail).
+      remat: ``jax.checkpoint`` every step, so differentiating through the whole solve (e.g.
+        ``jax.grad`` of a loss w.r.t. a traced ``lam``) stores one state per step instead of
+        the network's activations; the result is unchanged.
 
     Returns:
       A :class:`Solution`; ``solution.x`` [B, H, W, C] is the restored batch.
@@ -361,7 +370,7 @@ def solve(
     eps_s, op_s, dyn, noise, key = _prepare(
         config, eps_fn, op, y, key, noise, alphas_cumprod, max_abs, x_shape
     )
-    statics = _Statics(config.static(), eps_s, op_s, x_shape, bool(trajectory))
+    statics = _Statics(config.static(), eps_s, op_s, x_shape, bool(trajectory), bool(remat))
     sol = _run(statics, dyn, y, config.hyperparams(), key, noise, progress)
     if throw:
         _check_solution(config, sol, "image")
@@ -481,6 +490,7 @@ def solve_many(
     trajectory: bool = False,
     throw: bool = True,
     max_abs: float | None = MAX_ABS,
+    remat: bool = False,
 ) -> Solution:
     """Many independent measurements in one compiled call (``vmap`` of :func:`solve`).
 
@@ -488,7 +498,7 @@ def solve_many(
     of one, so no reduction couples two measurements.
 
     Args:
-      config, eps_fn, alphas_cumprod, trajectory, throw, max_abs: as in :func:`solve`.
+      config, eps_fn, alphas_cumprod, trajectory, throw, max_abs, remat: as in :func:`solve`.
       ops: one operator shared by all (``op_axis=None``) or operators stacked along a leading
         axis of every array leaf (``op_axis=0``), so each measurement may have its own mask.
       ys: measurements [M, *y_shape].
@@ -526,7 +536,9 @@ def solve_many(
     eps_static, eps_dyn = split_static(eps_fn)
     op_static = split_static(one_op)[0]
     op_dyn = split_static(ops)[1]
-    statics = _Statics(config.static(), eps_static, op_static, (1, *image_shape), bool(trajectory))
+    statics = _Statics(
+        config.static(), eps_static, op_static, (1, *image_shape), bool(trajectory), bool(remat)
+    )
     dyn = {"eps": eps_dyn, "op": op_dyn, "alphas": ac, "max_abs": _max_abs(max_abs)}
     ts, ss = _grid(config)
     axes_key = tuple(sorted(axes.items()))
