@@ -242,13 +242,98 @@ def timestep_embedding(t: jax.Array, dim: int, max_period: float = 10000.0) -> j
     return emb
 
 
-def _group_norm(name: str) -> nn.Module:
+def group_norm(
+    x: jax.Array,
+    scale: jax.Array,
+    bias: jax.Array,
+    *,
+    modulation: tuple[jax.Array, jax.Array] | None = None,
+    silu: bool = False,
+    num_groups: int = _NUM_GROUPS,
+    eps: float = _GN_EPS,
+) -> jax.Array:
+    """GroupNorm32 for NHWC, with the following scale/shift and SiLU folded in.
+
+    x [N, H, W, C] (any float dtype), scale / bias [C] (the affine params), modulation an
+    optional (m_scale, m_shift) pair of [N, C] arrays applied as `y * (1 + m_scale) + m_shift`
+    after the normalisation (ADM's use_scale_shift_norm), silu applies `y * sigmoid(y)` last.
+    Returns [N, H, W, C] in x.dtype.
+
+    Statistics are computed in float32 as guided-diffusion does: group g holds channels
+    g*C/G .. (g+1)*C/G-1, the mean and the biased variance are taken over (H, W, channels of
+    the group), two passes (the variance of the centred values, not E[x^2] - E[x]^2). Each
+    pass first reduces over H*W per channel (a reduction XLA runs at memory speed on the
+    contiguous NHWC layout) and then over the C/G channels of a group, which are tiny [N, C]
+    arrays. Normalisation, affine, modulation and SiLU then collapse into one per-(n, c)
+    multiply-add `x * a + b` followed by the activation: one fused elementwise pass.
+    """
+    n, c = x.shape[0], x.shape[-1]
+    per_group = c // num_groups
+    xf = x.astype(jnp.float32).reshape(n, -1, c)  # [N, HW, C]
+
+    def group_mean(per_channel: jax.Array) -> jax.Array:  # [N, C] -> [N, C], constant per group
+        g = jnp.mean(per_channel.reshape(n, num_groups, per_group), axis=-1)
+        return jnp.repeat(g, per_group, axis=-1)
+
+    mean = group_mean(jnp.mean(xf, axis=1))
+    var = group_mean(jnp.mean(jnp.square(xf - mean[:, None, :]), axis=1))
+    a = scale.astype(jnp.float32) * jax.lax.rsqrt(var + eps)  # [N, C]
+    b = bias.astype(jnp.float32) - mean * a
+    if modulation is not None:
+        m_scale, m_shift = (m.astype(jnp.float32).reshape(n, c) for m in modulation)
+        a, b = a * (1 + m_scale), b * (1 + m_scale) + m_shift
+    y = xf * a[:, None, :] + b[:, None, :]
+    if silu:
+        y = nn.silu(y)
+    return y.astype(x.dtype).reshape(x.shape)
+
+
+class GroupNorm(nn.Module):
+    """GroupNorm32 (NHWC) with params `scale` [C] and `bias` [C], as flax's nn.GroupNorm.
+
+    `__call__(x, modulation=None, silu=False)` runs `group_norm`; the params (names, shapes,
+    ones / zeros init) are those of `nn.GroupNorm`, so converted checkpoints load unchanged.
+    """
+
+    @nn.compact
+    def __call__(
+        self,
+        x: jax.Array,
+        modulation: tuple[jax.Array, jax.Array] | None = None,
+        silu: bool = False,
+    ) -> jax.Array:
+        c = x.shape[-1]
+        scale = self.param("scale", nn.initializers.ones, (c,), jnp.float32)
+        bias = self.param("bias", nn.initializers.zeros, (c,), jnp.float32)
+        return group_norm(x, scale, bias, modulation=modulation, silu=silu)
+
+
+def _group_norm(name: str) -> GroupNorm:
     # Params sit directly under `name` (scale, bias), matching the torch key layout.
-    return nn.GroupNorm(num_groups=_NUM_GROUPS, epsilon=_GN_EPS, use_fast_variance=False, name=name)
+    return GroupNorm(name=name)
 
 
-def _norm(module: nn.Module, x: jax.Array) -> jax.Array:
-    return module(x.astype(jnp.float32)).astype(x.dtype)
+def qkv_attention(qkv: jax.Array, heads: int, use_new_attention_order: bool) -> jax.Array:
+    """Multi-head self-attention from packed projections: qkv [N, T, 3C] -> [N, T, C].
+
+    Channel order of qkv: legacy `head*3ch + {q,k,v}*ch + i` or new `{q,k,v}*C + head*ch + i`;
+    the output channel is `head*ch + i` either way. Logits are scaled by 1/sqrt(ch) and the
+    softmax over keys runs in float32. q, k and v are first laid out heads-major
+    [N, heads, T, ch] so that both products are plain batched matmuls (batch dims leading,
+    contraction on the minor dim), which XLA lowers to its fast GEMM on every backend.
+    """
+    n, t, c3 = qkv.shape
+    ch = c3 // (3 * heads)
+    if use_new_attention_order:
+        qkv = qkv.reshape(n, t, 3, heads, ch).transpose(2, 0, 3, 1, 4)
+    else:
+        qkv = qkv.reshape(n, t, heads, 3, ch).transpose(3, 0, 2, 1, 4)
+    q, k, v = qkv[0], qkv[1], qkv[2]  # [N, heads, T, ch]
+    scale = 1.0 / math.sqrt(math.sqrt(ch))  # on both q and k, as upstream
+    logits = jnp.einsum("nhtc,nhsc->nhts", q * scale, k * scale)
+    weights = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(v.dtype)
+    a = jnp.einsum("nhts,nhsc->nhtc", weights, v)
+    return a.transpose(0, 2, 1, 3).reshape(n, t, heads * ch)
 
 
 def _avg_pool2(x: jax.Array) -> jax.Array:
@@ -283,21 +368,22 @@ class ResBlock(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array, emb: jax.Array, train: bool = False) -> jax.Array:
-        h = nn.silu(_norm(_group_norm("in_layers_0"), x))
+        h = _group_norm("in_layers_0")(x, silu=True)
         if self.up or self.down:
             resample = _upsample2 if self.up else _avg_pool2
             h, x = resample(h), resample(x)
         h = _conv(self.out_channels, self.dtype, "in_layers_2")(h)
         e_dim = 2 * self.out_channels if self.use_scale_shift_norm else self.out_channels
         e = nn.Dense(e_dim, dtype=self.dtype, name="emb_layers_1")(nn.silu(emb))
-        e = e.astype(h.dtype)[:, None, None, :]
+        e = e.astype(h.dtype)
+        if not self.use_scale_shift_norm:
+            e = e[:, None, None, :]
         out_norm = _group_norm("out_layers_0")
         if self.use_scale_shift_norm:
-            scale, shift = jnp.split(e, 2, axis=-1)
-            h = _norm(out_norm, h) * (1 + scale) + shift
+            h = out_norm(h, modulation=tuple(jnp.split(e, 2, axis=-1)), silu=True)
         else:
-            h = _norm(out_norm, h + e)
-        h = nn.Dropout(self.dropout, deterministic=not train)(nn.silu(h))
+            h = out_norm(h + e, silu=True)
+        h = nn.Dropout(self.dropout, deterministic=not train)(h)
         h = _conv(self.out_channels, self.dtype, "out_layers_3")(h)
         if x.shape[-1] != self.out_channels:
             x = _conv(self.out_channels, self.dtype, "skip_connection", kernel=1)(x)
@@ -314,20 +400,9 @@ class AttentionBlock(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         n, hgt, wid, c = x.shape
-        heads = self.num_heads
-        ch = c // heads
-        tokens = _norm(_group_norm("norm"), x).reshape(n, hgt * wid, c)
+        tokens = _group_norm("norm")(x).reshape(n, hgt * wid, c)
         qkv = nn.Dense(3 * c, dtype=self.dtype, name="qkv")(tokens)
-        if self.use_new_attention_order:  # channel = {q,k,v} * C + head * ch + i
-            qkv = qkv.reshape(n, hgt * wid, 3, heads, ch)
-            q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
-        else:  # legacy: channel = head * 3ch + {q,k,v} * ch + i
-            qkv = qkv.reshape(n, hgt * wid, heads, 3, ch)
-            q, k, v = qkv[:, :, :, 0], qkv[:, :, :, 1], qkv[:, :, :, 2]
-        scale = 1.0 / math.sqrt(math.sqrt(ch))
-        logits = jnp.einsum("nthc,nshc->nhts", q * scale, k * scale)
-        weights = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(v.dtype)
-        a = jnp.einsum("nhts,nshc->nthc", weights, v).reshape(n, hgt * wid, c)
+        a = qkv_attention(qkv, self.num_heads, self.use_new_attention_order)
         out = nn.Dense(c, dtype=self.dtype, name="proj_out")(a)
         return x + out.reshape(n, hgt, wid, c)
 
@@ -446,6 +521,6 @@ class UNet(nn.Module):
                     ds //= 2
                 k += 1
 
-        h = nn.silu(_norm(_group_norm("out_0"), h))
+        h = _group_norm("out_0")(h, silu=True)
         h = _conv(cfg.out_channels, dtype, "out_2")(h)
         return h.astype(jnp.float32)
