@@ -11,6 +11,8 @@ For batch 1 and 8 this prints, measured interleaved in one process (median over 
   * ``rolled``: per-step time of ``jax.lax.scan`` over ``--steps`` DPS steps, and its ratio to
     ``one``;
   * ``fixed``: the same scan through ``_scan_convs.scan`` (goal: ratio <= 1.2);
+  * the library itself: ``solvers.solve(DPSConfig(...))`` per step over one jitted call of the
+    library's own DPS step (the issue's acceptance ratio, goal <= 1.2);
 plus the kernel layouts of the compiled programs and the max |difference| of the two scans.
 
 The step is written here (self-contained), mirroring ``solvers/dps.py``. Model: the tiny fixture
@@ -31,7 +33,7 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 
-from reddiff_jax import diffusion, operators
+from reddiff_jax import diffusion, operators, solvers
 from reddiff_jax.model import ScoreModel
 from reddiff_jax.solvers import _scan_convs
 from reddiff_jax.unet import UNet, UNetConfig, get_preset
@@ -103,6 +105,30 @@ def _programs(model, op, batch: int, steps: int):
     return one, scan_with(jax.lax.scan), scan_with(_scan_convs.scan)
 
 
+def _library(model, op, y, steps: int):
+    """The library's DPS: one jitted call of its step, and ``solvers.solve`` (the driver); the
+    model is an argument of both programs (never baked in as constants)."""
+    cfg = solvers.DPSConfig(num_steps=steps, zeta=1.0)
+    ac = diffusion.alphas_cumprod("linear", 1000)
+    x_shape = (y.shape[0], *op.image_shape)
+    solver = cfg.build(model.eps, op, alphas_cumprod=ac)
+    state = solver.init(y, cfg.hyperparams(), solver.draw_init(jax.random.key(0), x_shape))
+    inp = jax.tree.map(lambda v: v[0], solvers.step_inputs(cfg))
+    draws = solver.draw_step(jax.random.key(0), inp.k, x_shape)
+
+    @jax.jit
+    def step(model, state):
+        return cfg.build(model.eps, op, alphas_cumprod=ac).step(state, inp, draws)
+
+    def one():
+        return step(model, state)
+
+    def solve():
+        return solvers.solve(cfg, model.eps, op, y, jax.random.key(0), throw=False).x
+
+    return one, solve
+
+
 def _time(fn, *args) -> float:
     t0 = time.perf_counter()
     jax.block_until_ready(fn(*args))
@@ -128,7 +154,18 @@ def bench(model, batch: int, steps: int, rounds: int) -> None:
         t_one.append(statistics.median(_time(one, model, y, x) for _ in range(3)))
         t_rolled.append(_time(rolled, model, y, x) / steps)
         t_fixed.append(_time(fixed, model, y, x) / steps)
+    lib_one, lib_solve = _library(model, op, y, steps)
+    jax.block_until_ready((lib_one(), lib_solve()))  # compile both
+    t_lib_one, t_lib = [], []
+    for _ in range(rounds):
+        t_lib_one.append(statistics.median(_time(lib_one) for _ in range(3)))
+        t_lib.append(_time(lib_solve) / steps)
     med = statistics.median
+    ratio_lib = med(s / o for s, o in zip(t_lib, t_lib_one, strict=True))
+    print(
+        f"  batch {batch}: library step jitted {med(t_lib_one) * 1e3:7.1f} ms | solvers.solve "
+        f"{med(t_lib) * 1e3:7.1f} ms/step ({ratio_lib:.2f}x, goal <= 1.2)"
+    )
     ratio_r = med(r / o for r, o in zip(t_rolled, t_one, strict=True))
     ratio_f = med(f / o for f, o in zip(t_fixed, t_one, strict=True))
     print(

@@ -36,9 +36,7 @@ import numpy as np
 
 from reddiff_jax import operators
 from reddiff_jax.model import ScoreModel
-from reddiff_jax.solvers import dps
-from reddiff_jax.solvers.reddiff import RedDiffConfig
-from reddiff_jax.solvers.reddiff import solve as reddiff_solve
+from reddiff_jax.solvers import DPSConfig, RedDiffConfig, solve
 from reddiff_jax.unet import UNet, UNetConfig, get_preset
 
 GUIDED = Path(__file__).resolve().parents[1] / "tests" / "fixtures" / "guided_diffusion"
@@ -104,15 +102,15 @@ def main(argv: list[str] | None = None) -> None:
     # name -> x0_pred of a solve; ordered by increasing expected memory (see the docstring).
     solvers = {
         "RED-Diff": lambda m, y, k: (
-            reddiff_solve(m.eps, op, y, RedDiffConfig(num_steps=args.steps), k, throw=False).x0_pred
+            solve(RedDiffConfig(num_steps=args.steps), m.eps, op, y, k, throw=False).x
         ),
         "DPS (remat)": lambda m, y, k: (
-            dps.solve(
-                m.eps, op, y, dps.DPSConfig(num_steps=args.steps, zeta=1.0, remat=True), k
-            ).x0_pred
+            solve(
+                DPSConfig(num_steps=args.steps, zeta=1.0, remat=True), m.eps, op, y, k, throw=False
+            ).x  # fmt: skip
         ),
         "DPS": lambda m, y, k: (
-            dps.solve(m.eps, op, y, dps.DPSConfig(num_steps=args.steps, zeta=1.0), k).x0_pred
+            solve(DPSConfig(num_steps=args.steps, zeta=1.0), m.eps, op, y, k, throw=False).x
         ),
     }
     rows = {}

@@ -106,7 +106,7 @@ def main(argv: list[str] | None = None) -> None:
         return [eps_jit(model, x_t, t) for _ in range(args.steps)]
 
     def run_solve(y, key):
-        return solve(model.eps, op, y, config, key).mu
+        return solve(config, model.eps, op, y, key).state.mu
 
     jax.block_until_ready(eps_scan(model, x_t))
     t0 = time.perf_counter()
@@ -135,10 +135,10 @@ def main(argv: list[str] | None = None) -> None:
     many = RedDiffConfig(num_steps=args.steps, lr=0.1)
 
     def run_many():
-        return solve_many(model.eps, op, ys, many, keys, op_axis=None).mu
+        return solve_many(many, model.eps, op, ys, keys, op_axis=None).state.mu
 
     def run_seq():
-        return [solve(model.eps, op, ys[i : i + 1], many, keys[i]).mu for i in range(m)]
+        return [solve(many, model.eps, op, ys[i : i + 1], keys[i]).state.mu for i in range(m)]
 
     t0 = time.perf_counter()
     jax.block_until_ready(run_many())

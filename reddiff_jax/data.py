@@ -14,9 +14,9 @@ from pathlib import Path
 import jax
 import numpy as np
 
-__all__ = ["IMAGE_SUFFIXES", "batch_indices", "batches", "load_images", "to_float"]
+from reddiff_jax import imageio
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
+__all__ = ["batch_indices", "batches", "load_images", "to_float"]
 
 
 def _as_nhwc_uint8(array: np.ndarray, source: str) -> np.ndarray:
@@ -61,26 +61,28 @@ def _load_array(path: Path) -> np.ndarray:
 
 
 def _load_folder(path: Path) -> np.ndarray:
-    from PIL import Image, UnidentifiedImageError
-
-    files = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
-    if not files:
-        raise ValueError(f"data: folder {path} holds no image files ({', '.join(IMAGE_SUFFIXES)})")
-    images = []
-    mode = None
+    """Every image file of ``path`` (sorted), decoded by :mod:`reddiff_jax.imageio` (8/16-bit,
+    float, palette, EXIF); the first image decides grey or RGB and the others are converted to it
+    with a printed notice."""
+    try:
+        files = imageio.list_images([path])
+    except ValueError as err:
+        raise ValueError(f"data: {err}") from err
+    images: list[np.ndarray] = []
+    channels = None
     for file in files:
         try:
-            with Image.open(file) as im:
-                if mode is None:  # the first image decides grayscale or RGB
-                    mode = "L" if im.mode in ("1", "L", "I", "I;16", "F") else "RGB"
-                images.append(np.asarray(im.convert(mode)))
-        except (UnidentifiedImageError, OSError) as err:
+            x = imageio.read_image(file)
+        except ValueError as err:
             raise ValueError(f"data: cannot read image {file}: {err}") from err
-        if images[-1].shape[:2] != images[0].shape[:2]:
+        channels = channels or (1 if x.shape[-1] in (1, 2) else 3)
+        x = imageio.fit_channels(x, channels, name=str(file))
+        if images and x.shape[:2] != images[0].shape[:2]:
             raise ValueError(
                 f"data: all images must have the same size; {files[0].name} is "
-                f"{images[0].shape[:2]} but {file.name} is {images[-1].shape[:2]}"
+                f"{images[0].shape[:2]} but {file.name} is {x.shape[:2]}"
             )
+        images.append(np.round(x * 255.0).astype(np.uint8))
     return np.stack(images)
 
 
@@ -88,7 +90,8 @@ def load_images(path: str | Path) -> np.ndarray:
     """Loads training images from an `.npz`/`.npy` file or a folder of image files.
 
     An `.npz` must hold an array named `images` (or exactly one array). A folder is read in sorted
-    file-name order with Pillow; the first image decides grayscale (C = 1) or RGB (C = 3).
+    file-name order (:func:`reddiff_jax.imageio.read_image`); the first image decides grayscale
+    (C = 1) or RGB (C = 3).
 
     Returns:
       uint8 array [N, H, W, C], read-only (training never mutates its data).

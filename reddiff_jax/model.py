@@ -17,6 +17,7 @@ import functools
 import json
 import os
 import shutil
+import sys
 import uuid
 from pathlib import Path
 from typing import Any
@@ -30,7 +31,14 @@ from flax import struct
 from reddiff_jax import assets
 from reddiff_jax.unet import UNet, UNetConfig
 
-__all__ = ["ScoreModel", "load_pretrained", "param_shapes", "read_metadata", "save_pretrained"]
+__all__ = [
+    "ScoreModel",
+    "init_params",
+    "load_pretrained",
+    "param_shapes",
+    "read_metadata",
+    "save_pretrained",
+]
 
 FORMAT = "reddiff-jax/score-model"
 FORMAT_VERSION = 1
@@ -43,16 +51,26 @@ def _unet(config: UNetConfig) -> UNet:
     return UNet(config)
 
 
+def _init(config: UNetConfig, key: jax.Array) -> Any:
+    s = config.image_size
+    x = jnp.zeros((1, s, s, config.in_channels), jnp.float32)
+    t = jnp.zeros((1,), jnp.int32)
+    y = jnp.zeros((1,), jnp.int32) if config.class_cond else None
+    return _unet(config).init(key, x, t, y)["params"]
+
+
+_init_jit = jax.jit(_init, static_argnums=0)
+
+
+def init_params(key: jax.Array, config: UNetConfig) -> dict[str, Any]:
+    """Fresh (random) params of `UNet(config)` from `key`: the one place a UNet is initialised
+    (training, tests and benchmarks); jitted once per config."""
+    return _init_jit(config, key)
+
+
 @functools.lru_cache(maxsize=32)
 def _param_shapes(config: UNetConfig) -> Any:
-    def init() -> Any:
-        s = config.image_size
-        x = jnp.zeros((1, s, s, config.in_channels), jnp.float32)
-        t = jnp.zeros((1,), jnp.int32)
-        y = jnp.zeros((1,), jnp.int32) if config.class_cond else None
-        return _unet(config).init(jax.random.key(0), x, t, y)["params"]
-
-    return jax.eval_shape(init)
+    return jax.eval_shape(functools.partial(_init, config), jax.random.key(0))
 
 
 def param_shapes(config: UNetConfig) -> dict[str, Any]:
@@ -83,7 +101,20 @@ class ScoreModel:
           [N, H, W, out_channels] float32: eps in the first `in_channels` channels, then the
           variance interpolation values when `config.learn_sigma`.
         """
+        self._check_input(x)
         return _unet(self.config).apply({"params": self.params}, x, t, y)
+
+    def _check_input(self, x: Any) -> None:
+        """ValueError unless ``x`` is [N, image_size, image_size, in_channels] (static shapes,
+        so under ``jit`` this fails at trace time, before anything runs)."""
+        s, c = self.config.image_size, self.config.in_channels
+        shape = tuple(getattr(x, "shape", ()))
+        if len(shape) != 4 or shape[1:] != (s, s, c):
+            raise ValueError(
+                f"x: this model expects images [N, {s}, {s}, {c}] (NHWC, its image_size "
+                f"{s} and in_channels {c}), got shape {shape}; an operator or sampler built for "
+                "another image size or channel count does not fit this model"
+            )
 
     def eps(self, x: jax.Array, t: jax.Array, y: jax.Array | None = None) -> jax.Array:
         """Noise prediction [N, H, W, in_channels] float32 (the first channels of `apply`)."""
@@ -207,6 +238,55 @@ def _resolve_checkpoint(path_or_name: str | os.PathLike) -> Path:
     )
 
 
+class _QuietClosedLoop:
+    """A ``sys.unraisablehook`` that drops one known, harmless message and passes on the rest.
+
+    When orbax's restore fails part-way (a truncated data file), its ``asyncio.gather`` raises
+    and orbax closes its private event loop while other tensorstore reads are still in flight;
+    each of those later calls ``loop.call_soon_threadsafe`` from a tensorstore thread and its
+    ``RuntimeError: Event loop is closed`` reaches the unraisable hook, one traceback per read,
+    printed after (or in the middle of) the real error. Nothing is lost by dropping them: the
+    reads belong to a restore that already failed and was reported.
+    """
+
+    def __init__(self, previous: Any):
+        self.previous = previous
+
+    @staticmethod
+    def is_noise(unraisable: Any) -> bool:
+        if unraisable.exc_type is not RuntimeError:
+            return False
+        if str(unraisable.exc_value) != "Event loop is closed":
+            return False
+        tb, names = unraisable.exc_traceback, set()
+        while tb is not None:
+            names.add(tb.tb_frame.f_code.co_name)
+            tb = tb.tb_next
+        return "call_soon_threadsafe" in names
+
+    def __call__(self, unraisable: Any) -> None:
+        if not self.is_noise(unraisable):
+            self.previous(unraisable)
+
+
+def _quiet_closed_loop() -> _QuietClosedLoop | None:
+    """Installs `_QuietClosedLoop` (unless it is already) and returns what it installed.
+
+    Called before the orbax reads; `_unquiet` removes it after a fully successful load. After a
+    failure it stays: the late callbacks may arrive any time after, even after orbax reported
+    success with missing metadata."""
+    if isinstance(sys.unraisablehook, _QuietClosedLoop):
+        return None
+    hook = _QuietClosedLoop(sys.unraisablehook)
+    sys.unraisablehook = hook
+    return hook
+
+
+def _unquiet(hook: _QuietClosedLoop | None) -> None:
+    if hook is not None and sys.unraisablehook is hook:
+        sys.unraisablehook = hook.previous
+
+
 def load_pretrained(path_or_name: str | os.PathLike) -> ScoreModel:
     """Loads a checkpoint written by `save_pretrained` (or `reddiff-jax convert`).
 
@@ -235,13 +315,20 @@ def load_pretrained(path_or_name: str | os.PathLike) -> ScoreModel:
     params_dir = path / _PARAMS_DIR
     if not params_dir.is_dir():
         raise ValueError(f"path: corrupt checkpoint, {params_dir} is missing")
+    quiet = _quiet_closed_loop()
     try:
         with ocp.StandardCheckpointer() as checkpointer:
-            stored = checkpointer.metadata(params_dir).item_metadata.tree
+            item = checkpointer.metadata(params_dir).item_metadata
     except Exception as err:  # orbax/tensorstore raise many types for unreadable data
         raise ValueError(
             f"path: corrupt checkpoint, cannot read {params_dir}: {type(err).__name__}: {err}"
-        ) from err
+        ) from None
+    if item is None or getattr(item, "tree", None) is None:
+        raise ValueError(
+            f"path: corrupt checkpoint, the params metadata in {params_dir} (_METADATA) is "
+            "missing or unreadable"
+        )
+    stored = item.tree
     expected, found = _leaf_paths(target), _leaf_paths(stored)
     diffs = sorted(f"{k}: missing from the checkpoint" for k in expected.keys() - found)
     diffs += sorted(f"{k}: not a parameter of this config" for k in found.keys() - expected)
@@ -258,10 +345,11 @@ def load_pretrained(path_or_name: str | os.PathLike) -> ScoreModel:
     try:
         with ocp.StandardCheckpointer() as checkpointer:
             params = checkpointer.restore(params_dir, target)
-    except Exception as err:
+    except Exception as err:  # e.g. a truncated data file: OUT_OF_RANGE from tensorstore
         raise ValueError(
-            f"path: corrupt checkpoint, cannot read params from {params_dir}: "
+            f"path: corrupt checkpoint {path}, cannot read its params from {params_dir}: "
             f"{type(err).__name__}: {err}"
-        ) from err
+        ) from None
+    _unquiet(quiet)
     params = jax.tree.map(lambda a: jnp.asarray(a, dtype=jnp.float32), params)
     return ScoreModel(config=config, params=params)

@@ -36,6 +36,7 @@ import orbax.checkpoint as ocp
 
 from reddiff_jax import data as data_lib
 from reddiff_jax import diffusion, imageio
+from reddiff_jax.model import init_params
 from reddiff_jax.unet import UNet, UNetConfig
 
 __all__ = [
@@ -208,11 +209,7 @@ def make_optimizer(config: TrainConfig) -> optax.GradientTransformation:
 
 def init_state(key: jax.Array, model_config: UNetConfig, train_config: TrainConfig) -> TrainState:
     """Fresh parameters (UNet init from `key`), their EMA copy and the optimiser state."""
-    n = model_config.image_size
-    x = jnp.zeros((1, n, n, model_config.in_channels), jnp.float32)
-    t = jnp.zeros((1,), jnp.int32)
-    y = jnp.zeros((1,), jnp.int32) if model_config.class_cond else None
-    params = UNet(model_config).init(key, x, t, y)["params"]
+    params = init_params(key, model_config)
     return TrainState(
         step=jnp.zeros((), jnp.int32),
         params=params,

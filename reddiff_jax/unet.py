@@ -48,7 +48,7 @@ def _parse_ints(value: Any, name: str) -> tuple[int, ...]:
     return tuple(int(v) for v in value)
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class UNetConfig:
     """Hyper-parameters of an ADM UNet: guided-diffusion's `create_model` keywords, resolved.
 

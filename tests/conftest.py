@@ -5,11 +5,10 @@ from __future__ import annotations
 import dataclasses
 
 import jax
-import jax.numpy as jnp
 import pytest
 
-from reddiff_jax.model import ScoreModel
-from reddiff_jax.unet import PRESETS, UNet
+from reddiff_jax.model import ScoreModel, init_params
+from reddiff_jax.unet import PRESETS
 
 
 @pytest.fixture(scope="module")
@@ -24,6 +23,4 @@ def tiny_model() -> ScoreModel:
         learn_sigma=False,
         resblock_updown=False,
     )
-    x = jnp.zeros((1, 32, 32, 1))
-    params = jax.jit(UNet(cfg).init)(jax.random.key(0), x, jnp.zeros((1,), jnp.int32))["params"]
-    return ScoreModel(config=cfg, params=params)
+    return ScoreModel(config=cfg, params=init_params(jax.random.key(0), cfg))

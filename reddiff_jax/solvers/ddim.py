@@ -26,12 +26,14 @@ from reddiff_jax.solvers.base import (
     SolverConfig,
     StepInput,
     StepOutput,
+    first_alpha,
+    pinv_start,
     predict,
     sampler_init_draws,
     sampler_step_draws,
 )
 
-__all__ = ["ALGORITHM", "DDIMConfig", "SamplerState", "ddim", "sampler"]
+__all__ = ["ALGORITHM", "DDIMConfig", "SamplerState", "ddim", "pinv_sampler", "sampler"]
 
 Array = jax.Array
 
@@ -67,6 +69,23 @@ def sampler(
         draw_init=sampler_init_draws,
         draw_step=sampler_step_draws,
     )
+
+
+def pinv_sampler(
+    op: Any,
+    config: SolverConfig,
+    alphas_cumprod: Array,
+    update: Callable[[SamplerState, StepInput, Array], tuple[Array, Array, dict]],
+) -> Solver:
+    """A sampler started at ``x_T = sqrt(a_T) A_dagger(y) + sqrt(1 - a_T) n`` (the official DPS
+    / ΠGDM ``initialize``; DiffPIR too), ``a_T`` the grid's first ᾱ."""
+    a_T = first_alpha(config, alphas_cumprod)
+
+    def init(y, hyper, draws):
+        del hyper
+        return pinv_start(op, y, draws["init"], a_T)
+
+    return sampler(init, update)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

@@ -34,12 +34,10 @@ from reddiff_jax.solvers.base import (
     Solver,
     SolverConfig,
     StepInput,
-    first_alpha,
-    pinv_start,
     predict,
 )
 from reddiff_jax.solvers.common import require
-from reddiff_jax.solvers.ddim import SamplerState, sampler
+from reddiff_jax.solvers.ddim import SamplerState, pinv_sampler
 from reddiff_jax.solvers.ddrm import get_svd, singular_values
 
 __all__ = ["ALGORITHM", "PROX_MODES", "DiffPIRConfig", "diffpir", "prox"]
@@ -141,11 +139,6 @@ def diffpir(eps_fn: Callable, op: Any, *, config: DiffPIRConfig, alphas_cumprod:
     require(op, "A_dagger", "DiffPIR", "its init is sqrt(a_T) A_dagger(y) + sqrt(1 - a_T) n")
     if config.prox == "svd":
         get_svd(op, solver="DiffPIR (prox='svd')")
-    a_T = first_alpha(config, alphas_cumprod)
-
-    def init(y, hyper, draws):
-        del hyper
-        return pinv_start(op, y, draws["init"], a_T)
 
     def update(state: SamplerState, inp: StepInput, z: Array):
         x, h, a_t = state.x, state.hyper, inp.a_t
@@ -157,7 +150,7 @@ def diffpir(eps_fn: Callable, op: Any, *, config: DiffPIRConfig, alphas_cumprod:
         mix = jnp.sqrt(1.0 - h["zeta"]) * e + jnp.sqrt(h["zeta"]) * z
         return jnp.sqrt(inp.a_s) * x0 + jnp.sqrt(1.0 - inp.a_s) * mix, x0, {}
 
-    return sampler(init, update)
+    return pinv_sampler(op, config, alphas_cumprod, update)
 
 
 ALGORITHM = Algorithm(

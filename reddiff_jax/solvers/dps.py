@@ -31,12 +31,10 @@ from reddiff_jax.solvers.base import (
     Solver,
     SolverConfig,
     StepInput,
-    first_alpha,
-    pinv_start,
     predict,
 )
 from reddiff_jax.solvers.common import require
-from reddiff_jax.solvers.ddim import SamplerState, sampler
+from reddiff_jax.solvers.ddim import SamplerState, pinv_sampler
 
 __all__ = ["ALGORITHM", "DPSConfig", "dps", "dps_update"]
 
@@ -96,11 +94,6 @@ def dps(eps_fn: Callable, op: Any, *, config: DPSConfig, alphas_cumprod: Array) 
     require(op, "A_dagger", "DPS", "its init is sqrt(a_T) A_dagger(y) + sqrt(1 - a_T) n")
     net = jax.checkpoint(eps_fn) if config.remat else eps_fn
     A = jax.vmap(op.A)
-    a_T = first_alpha(config, alphas_cumprod)
-
-    def init(y, hyper, draws):
-        del hyper
-        return pinv_start(op, y, draws["init"], a_T)
 
     def update(state: SamplerState, inp: StepInput, z: Array):
         def loss(x):
@@ -114,7 +107,7 @@ def dps(eps_fn: Callable, op: Any, *, config: DPSConfig, alphas_cumprod: Array) 
         x_s = dps_update(x0, eps, grad, norm, inp.a_t, inp.a_s, z, zeta=h["zeta"], eta=h["eta"])
         return x_s, x0, {"residual_norm": norm}
 
-    return sampler(init, update)
+    return pinv_sampler(op, config, alphas_cumprod, update)
 
 
 ALGORITHM = Algorithm(

@@ -31,12 +31,10 @@ from reddiff_jax.solvers.base import (
     Solver,
     SolverConfig,
     StepInput,
-    first_alpha,
-    pinv_start,
     predict,
 )
 from reddiff_jax.solvers.common import require
-from reddiff_jax.solvers.ddim import SamplerState, sampler
+from reddiff_jax.solvers.ddim import SamplerState, pinv_sampler
 
 __all__ = ["ALGORITHM", "PGDMConfig", "pgdm", "pgdm_update"]
 
@@ -95,11 +93,6 @@ def pgdm(eps_fn: Callable, op: Any, *, config: PGDMConfig, alphas_cumprod: Array
     require(op, "A_dagger", "PGDM", "the guidance uses the pseudo-inverse residual A⁺y - A⁺A x0")
     A = jax.vmap(op.A)
     A_dag = jax.vmap(op.A_dagger)
-    a_T = first_alpha(config, alphas_cumprod)
-
-    def init(y, hyper, draws):
-        del hyper
-        return pinv_start(op, y, draws["init"], a_T)
 
     def update(state: SamplerState, inp: StepInput, z: Array):
         x = state.x
@@ -116,7 +109,7 @@ def pgdm(eps_fn: Callable, op: Any, *, config: PGDMConfig, alphas_cumprod: Array
         norm = jnp.sqrt(jnp.sum(residual.reshape(x.shape[0], -1) ** 2, axis=1))
         return x_s, x0, {"residual_norm": norm}
 
-    return sampler(init, update)
+    return pinv_sampler(op, config, alphas_cumprod, update)
 
 
 ALGORITHM = Algorithm(
