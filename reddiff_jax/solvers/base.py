@@ -40,6 +40,7 @@ __all__ = [
     "StepInput",
     "StepOutput",
     "first_alpha",
+    "hyper_dtype",
     "padded_alphas",
     "pinv_start",
     "predict",
@@ -149,6 +150,19 @@ def split_step_draws(names: tuple[str, ...]) -> Callable[[Array, Array, tuple], 
 # Configs
 
 
+def hyper_dtype(v: Any) -> Any:
+    """float32, or ``v``'s own floating dtype when it is wider and ``jax_enable_x64`` is on.
+
+    Solvers carry their state in this dtype, so a float64 hyper-parameter (a finite-difference
+    check of a tuning gradient) runs the whole solve in float64; float32 results are unchanged.
+    """
+    dt = getattr(v, "dtype", None)
+    if (dt is not None and jax.config.jax_enable_x64 and jnp.issubdtype(dt, jnp.floating)
+            and jnp.finfo(dt).bits > 32):  # fmt: skip
+        return dt
+    return jnp.float32
+
+
 def _is_real_scalar(v: Any) -> bool:
     if isinstance(v, bool):
         return False
@@ -215,8 +229,11 @@ class SolverConfig:
         return len(self.timesteps())
 
     def hyperparams(self) -> dict[str, Array]:
-        """The numeric hyper-parameters as float32 scalars (what ``Solver.init`` receives)."""
-        return {n: jnp.asarray(getattr(self, n), jnp.float32) for n in self.HYPER}
+        """The numeric hyper-parameters as float32 scalars (what ``Solver.init`` receives).
+
+        A float64 jax value (under ``jax_enable_x64``, e.g. a float64 tracer of a gradient
+        check) keeps its dtype; everything else is float32 as before."""
+        return {n: jnp.asarray(getattr(self, n), hyper_dtype(getattr(self, n))) for n in self.HYPER}
 
     def static(self) -> SolverConfig:
         """The config with its hyper-parameters zeroed: what a compiled solve depends on."""

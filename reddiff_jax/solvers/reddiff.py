@@ -44,6 +44,7 @@ from reddiff_jax.solvers.base import (
     SolverConfig,
     StepInput,
     StepOutput,
+    hyper_dtype,
     schedule_of,
     split_step_draws,
 )
@@ -117,6 +118,14 @@ class RedDiffConfig(SolverConfig):
       reduction: one of :data:`REDUCTIONS` (see the module docstring).
       init: ``"pinv"`` (μ₀ = op.A_dagger(y), official), ``"zeros"``, or an array
         broadcastable to [B, H, W, C].
+      step_weights: None (official), or K positive multipliers of w_t, one per step in the
+        order visited (``w_t = λ f(σ_t/α_t) step_weights[k]``): a per-timestep weight schedule,
+        e.g. learned by :func:`reddiff_jax.tune.tune`. Traced, like ``init``'s array.
+      differentiable: False (official) keeps the network's output under ``stop_gradient``.
+        True lets the derivative of the solve's result with respect to its hyper-parameters
+        (``jax.grad`` of a validation loss w.r.t. ``lam``, ``lr``, ``step_weights``) flow through
+        the network's evaluations too, so it is the exact derivative; the forward computation
+        (every value of the solve) is the same.
       optimizer: any ``optax.GradientTransformation`` (default :func:`default_optimizer`).
         A new transformation object per call means a new compilation: build it once.
       schedule, num_timesteps: the ᾱ schedule.
@@ -139,9 +148,14 @@ class RedDiffConfig(SolverConfig):
     reduction: str = "batch_mean"
     init: Any = "pinv"
     optimizer: optax.GradientTransformation | None = None
+    step_weights: Any = None
+    differentiable: bool = False
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        self._check_step_weights()
+        if not isinstance(self.differentiable, bool):
+            raise TypeError(f"differentiable: expected a bool, got {self.differentiable!r}")
         if self.weighting not in WEIGHTINGS:
             raise ValueError(f"weighting: expected one of {WEIGHTINGS}, got {self.weighting!r}")
         if self.reduction not in REDUCTIONS:
@@ -164,6 +178,26 @@ class RedDiffConfig(SolverConfig):
                 f"{type(self.optimizer).__name__}"
             )
 
+    def _check_step_weights(self) -> None:
+        w = self.step_weights
+        if w is None or (isinstance(w, str) and w == _ARRAY_INIT):
+            return
+        if isinstance(w, str):
+            raise TypeError(f"step_weights: expected None or K = {self.num_iterations} floats")
+        shape = tuple(getattr(w, "shape", (len(w),) if isinstance(w, list | tuple) else ()))
+        if shape != (self.num_iterations,):
+            raise ValueError(
+                f"step_weights: expected {self.num_iterations} values (one per step of the "
+                f"num_steps={self.num_steps} grid), got shape {shape}; solve with the num_steps "
+                "the weights were made for"
+            )
+        if is_concrete(w):
+            import numpy as np
+
+            arr = np.asarray(w, np.float64)
+            if not np.all(np.isfinite(arr)) or np.any(arr < 0):
+                raise ValueError("step_weights: expected finite values >= 0")
+
     @property
     def uses_x0_noise(self) -> bool:
         """Whether a step draws ε_0 (``sigma_x0 > 0``; must be known at trace time)."""
@@ -179,13 +213,19 @@ class RedDiffConfig(SolverConfig):
         if self.optimizer is not None:
             del out["lr"]  # a custom optimizer carries its own learning rate
         if not isinstance(self.init, str):
-            out["mu0"] = jnp.asarray(self.init, jnp.float32)
+            out["mu0"] = jnp.asarray(self.init, hyper_dtype(self.init))
+        if self.step_weights is not None:
+            out["step_weights"] = jnp.asarray(self.step_weights, hyper_dtype(self.step_weights))
         return out
 
     def static(self) -> RedDiffConfig:
         init = self.init if isinstance(self.init, str) else _ARRAY_INIT
+        weights = None if self.step_weights is None else _ARRAY_INIT
         return dataclasses.replace(
-            super().static(), sigma_x0=1.0 if self.uses_x0_noise else 0.0, init=init
+            super().static(),
+            sigma_x0=1.0 if self.uses_x0_noise else 0.0,
+            init=init,
+            step_weights=weights,
         )
 
     def build(self, eps_fn: Callable, op: Any, *, alphas_cumprod: Array) -> Solver:
@@ -203,20 +243,25 @@ class RedDiffState(NamedTuple):
     sigma_x0: Array  # [] float32
     x0_pred: Array  # [B, H, W, C] the last step's x_0 (before its update): the output
     count: Array  # [] int32, steps taken
+    step_weights: Array | None = None  # [K] multipliers of w_t (None: all ones)
 
 
-def _initial_mean(op: Any, y: Array, mu0: Any, x_shape: tuple) -> Array:
+def _initial_mean(op: Any, y: Array, mu0: Any, x_shape: tuple, dtype: Any) -> Array:
     if isinstance(mu0, str):
         if mu0 == "pinv":
-            return jnp.asarray(jax.vmap(op.A_dagger)(y), jnp.float32)
-        return jnp.zeros(x_shape, jnp.float32)
-    mu0 = jnp.asarray(mu0, jnp.float32)
+            return jnp.asarray(jax.vmap(op.A_dagger)(y), dtype)
+        return jnp.zeros(x_shape, dtype)
+    mu0 = jnp.asarray(mu0, dtype)
     try:
         return jnp.broadcast_to(mu0, x_shape)
     except ValueError:
         raise ValueError(
             f"init: expected an initial mean broadcastable to {x_shape}, got {mu0.shape}"
         ) from None
+
+
+def _weights(w: Any, dtype: Any) -> Array | None:
+    return None if w is None else jnp.asarray(w, dtype)
 
 
 def _set_lr(opt_state: Any, lr: Array) -> Any:
@@ -280,9 +325,11 @@ def reddiff(
     def init(y, hyper: Mapping[str, Array] | None = None, draws: Any = None) -> RedDiffState:
         del draws  # RED-Diff's start is deterministic
         hyper = config.hyperparams() if hyper is None else hyper
-        y = jnp.asarray(y, jnp.float32)
+        # float32, or float64 when a hyper-parameter is (a float64 gradient check)
+        dtype = jnp.result_type(jnp.float32, *(jnp.asarray(v).dtype for v in hyper.values()))
+        y = jnp.asarray(y, dtype)
         x_shape = (y.shape[0], *image_shape)
-        mu = _initial_mean(op, y, hyper.get("mu0", config.init), x_shape)
+        mu = _initial_mean(op, y, hyper.get("mu0", config.init), x_shape, dtype)
         opt_state = optimizer.init(mu)
         if "lr" in hyper:
             opt_state = _set_lr(opt_state, hyper["lr"])
@@ -290,11 +337,12 @@ def reddiff(
             mu=mu,
             opt_state=opt_state,
             y=y,
-            lam=jnp.asarray(hyper["lam"], jnp.float32),
-            obs_weight=jnp.asarray(hyper["obs_weight"], jnp.float32),
-            sigma_x0=jnp.asarray(hyper["sigma_x0"], jnp.float32),
+            lam=jnp.asarray(hyper["lam"], dtype),
+            obs_weight=jnp.asarray(hyper["obs_weight"], dtype),
+            sigma_x0=jnp.asarray(hyper["sigma_x0"], dtype),
             x0_pred=jnp.zeros_like(mu),
             count=jnp.zeros((), jnp.int32),
+            step_weights=_weights(hyper.get("step_weights"), dtype),
         )
 
     def step(state: RedDiffState, inp: StepInput, draws: Mapping[str, Array]):
@@ -308,18 +356,23 @@ def reddiff(
         def to_x0(m: Array) -> Array:
             return m + state.sigma_x0 * draws["x0"] if uses_x0 else m
 
+        # The network's output is a constant of the step's objective (official); with
+        # differentiable=True an outer derivative of the solve flows through it (same values).
+        sg = (lambda v: v) if config.differentiable else jax.lax.stop_gradient
         x0_pred = to_x0(mu)
         x_t = sqrt_a * x0_pred + sqrt_1ma * n_xt
         t_batch = jnp.full((mu.shape[0],), inp.t, jnp.int32)
-        eps = eps_fn(jax.lax.stop_gradient(x_t), t_batch)
+        eps = eps_fn(sg(x_t), t_batch)
         if eps.shape != mu.shape:
             raise ValueError(
                 f"eps_fn: expected an output of shape {mu.shape} (that of x_t), got {eps.shape}"
             )
-        eps = jax.lax.stop_gradient(jnp.asarray(eps, jnp.float32))
+        eps = sg(jnp.asarray(eps, mu.dtype))
         w_t = state.lam * snr_weight(config.weighting, sqrt_1ma / sqrt_a)
+        if state.step_weights is not None:
+            w_t = w_t * state.step_weights[inp.k]
         v_t = state.obs_weight
-        direction = jax.lax.stop_gradient(eps - n_xt)
+        direction = sg(eps - n_xt)
 
         def reg_term(m):
             per = per_image(direction * to_x0(m))
