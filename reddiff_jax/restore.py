@@ -10,9 +10,11 @@ held-out digits of the embedded prior with ``demo=True``), simulates the measure
                         marks it finished)
   grid.png              truth | measurement | pseudo-inverse | restoration, first ``grid_rows``
   metrics.json          per image and mean PSNR/SSIM of the restoration and of the pseudo-inverse,
-                        and the images whose solve diverged
-  run.json              the settings; a rerun with different settings into the same folder is
-                        refused unless ``overwrite=True`` (which also removes stale outputs)
+                        the images whose solve diverged and the solver iterations actually taken
+                        (the official grid may differ from ``steps``)
+  run.json              the settings (with those iterations); a rerun with different settings
+                        into the same folder is refused unless ``overwrite=True`` (which also
+                        removes stale outputs)
 
 Every file is written atomically (:mod:`reddiff_jax.imageio`), so an interruption never leaves a
 partial file; a rerun skips the images whose PNG and record exist. Images at the boundary are
@@ -24,6 +26,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import zipfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -132,8 +135,8 @@ def _read_array(path: Path) -> np.ndarray:
             if "y" not in data:
                 raise ValueError(f"expected an array named 'y', found {list(data)}")
             return data["y"]
-    except (OSError, ValueError) as err:
-        raise ValueError(f"y: cannot read {path}: {err}") from err
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as err:  # truncated/garbage files
+        raise ValueError(f"y: cannot read {path}: {type(err).__name__}: {err}") from None
 
 
 def load_measurements(
@@ -165,6 +168,8 @@ def load_measurements(
             f"y: expected measurements of shape [N, *{tuple(y_shape)}] (or one of "
             f"{tuple(y_shape)}) for this task, got {tuple(y.shape)} from {path}"
         )
+    if len(y) == 0:
+        raise ValueError(f"y: {path} holds no measurements (shape {tuple(y.shape)})")
     if not np.all(np.isfinite(y)):
         raise ValueError(f"y: expected finite values, {path} holds {int((~np.isfinite(y)).sum())}")
     return names, y.astype(np.float32)
@@ -312,8 +317,11 @@ def _writer(out: Path, names, truth, pinv, records: dict[int, dict]):
     return on_batch
 
 
-def _summary(task: str, algo: str, records: list[dict], names: list[str]) -> dict[str, Any]:
-    out: dict[str, Any] = {"task": task, "algo": algo, "n_images": len(names)}
+def _summary(
+    task: str, algo: str, records: list[dict], names: list[str], iterations: int
+) -> dict[str, Any]:
+    out: dict[str, Any] = {"task": task, "algo": algo, "n_images": len(names),
+                           "iterations": int(iterations)}  # fmt: skip
     for which in ("restored", "pinv"):
         out[which] = {}
         for m in ("psnr", "ssim"):
@@ -410,7 +418,8 @@ def restore(
                                   key=k_y, sigma_y=sigma_y)  # fmt: skip
     out = pipeline.prepare_out(out, subdirs=("restored", "records"))
     settings = {"task": task, "algo": algo, "sigma_y": float(sigma_y),
-                "config": pipeline.config_record(config), "model": model_name,
+                "config": pipeline.config_record(config),
+                "iterations": int(config.num_iterations), "model": model_name,
                 "key": pipeline.key_data(key), "batch": int(batch),
                 "y": None if y is None else str(Path(y).resolve()), "images": names}  # fmt: skip
     records = _claim_out(out, settings, names, overwrite)
@@ -425,7 +434,7 @@ def restore(
     ordered = [records[i] for i in range(len(names))]
     summary, metrics_path = None, None
     if truth is not None:
-        summary = _summary(task, algo, ordered, names)
+        summary = _summary(task, algo, ordered, names, config.num_iterations)
         metrics_path = out / "metrics.json"
         imageio.atomic_write_json(metrics_path, summary)
     failed = [r["name"] for r in ordered if r.get("status", "success") != "success"]

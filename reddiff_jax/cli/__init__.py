@@ -21,6 +21,18 @@ COMMANDS: dict[str, str] = {
 }
 
 
+def seed(text: str) -> int:
+    """argparse type of ``--seed``: an int in [0, 2**32) (jax keys hold 32 bits of a seed, so a
+    larger or negative one would silently repeat another seed's draws, or overflow)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an int in [0, 2**32), got {text!r}") from None
+    if not 0 <= value < 2**32:
+        raise argparse.ArgumentTypeError(f"expected an int in [0, 2**32), got {value}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     """Builds the top-level parser with one subparser per available command."""
     parser = argparse.ArgumentParser(

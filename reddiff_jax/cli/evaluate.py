@@ -9,6 +9,7 @@ from typing import Any
 
 import jax
 
+from reddiff_jax.cli import seed
 from reddiff_jax.evaluate import DEFAULT_ALGOS, DEFAULT_TASKS, evaluate, format_markdown
 
 __all__ = ["register"]
@@ -88,7 +89,7 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
     )
     p.add_argument("--sigma-y", type=float, default=0.0, help="noise: y = A(x) + 2 sigma_y n")
     p.add_argument("--model", default=None, help="checkpoint folder (default: mnist32)")
-    p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    p.add_argument("--seed", type=seed, default=0, help="random seed (default 0)")
     p.add_argument("--batch", type=int, default=25, help="images per solver call (default 25)")
     p.add_argument(
         "--param",

@@ -13,6 +13,7 @@ from typing import Any
 
 import jax
 
+from reddiff_jax.cli import seed
 from reddiff_jax.restore import DEFAULT_STEPS, restore
 from reddiff_jax.solvers import MAX_ABS, registry
 
@@ -48,7 +49,7 @@ def add_solver_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--sigma-y", type=float, default=0.0, help="noise: y = A(x) + 2 sigma_y n")
     parser.add_argument("--model", default=None, help="checkpoint folder (default: mnist32)")
-    parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    parser.add_argument("--seed", type=seed, default=0, help="random seed (default 0)")
     parser.add_argument("--batch", type=int, default=8, help="images per solver call (default 8)")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
 
@@ -59,6 +60,8 @@ def _fmt(v: float | None, digits: int) -> str:
 
 def _run(args: argparse.Namespace) -> int:
     params = parse_params(args.param or [])
+    if "num_steps" in params:  # it would override --steps, and the grid note would mislead
+        raise ValueError("--param num_steps: set the number of steps with --steps")
     for name in ("lam", "lr", "zeta", "eta"):
         value = getattr(args, name)
         if value is not None:

@@ -13,6 +13,7 @@ import jax
 
 from reddiff_jax import data as data_lib
 from reddiff_jax import train as train_lib
+from reddiff_jax.cli import seed
 
 __all__ = ["register", "run"]
 
@@ -41,7 +42,7 @@ def register(subparsers: Any) -> None:
     p.add_argument("--grad-clip", type=float, default=defaults.grad_clip)
     p.add_argument("--ema-decay", type=float, default=defaults.ema_decay)
     p.add_argument("--checkpoint-every", type=int, default=defaults.checkpoint_every)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=seed, default=0)
     p.add_argument("--samples", type=int, default=64, help="images in the sample grid")
     p.add_argument("--sample-steps", type=int, default=50, help="DDIM steps for the grid")
     p.add_argument("--name", default=None, help="title of the model card")
