@@ -18,6 +18,8 @@ COMMANDS: dict[str, str] = {
     "train": "reddiff_jax.cli.train",
     "restore": "reddiff_jax.cli.restore",
     "eval": "reddiff_jax.cli.evaluate",
+    "sweep": "reddiff_jax.cli.sweep",
+    "tune": "reddiff_jax.cli.tune",
 }
 
 
