@@ -8,10 +8,23 @@ weights, operator arrays, ``y`` and the key are traced arguments, so new values 
 Per image and step the driver checks the iterate: a non-finite value or ``|x| > max_abs`` marks
 that image (``status``, ``failed_step``); ``throw=True`` then raises :class:`SolveError` naming
 the images and the step, ``throw=False`` returns the status (which survives ``vmap``).
+
+Randomness: ``key`` is one key (the batch's draws come from it, as upstream) or one key per
+image (image i's draws come from ``key[i]`` alone, drawn as a batch of one), so with a reduction
+that couples no two images a result does not depend on the batch it is solved in.
+
+Scale-out: ``mesh=`` (a :class:`jax.sharding.Mesh` with a ``"data"`` axis) shards the batch axis
+(``solve_many``: the measurement axis, a sweep's grid axis and stacked operators) over the
+devices; parameters and shared operator leaves are replicated, and the solve is still one
+compiled program. A batch that the data axis does not divide is padded with copies of its last
+entry and the padding is dropped from the result (RED-Diff's ``batch_mean`` still averages over
+the real images only). See :mod:`reddiff_jax.sharding`.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import math
 from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
@@ -21,6 +34,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from reddiff_jax import sharding as sharding_lib
 from reddiff_jax.solvers import _scan_convs, registry
 from reddiff_jax.solvers.base import (
     SolveError,
@@ -79,9 +93,14 @@ class _Statics(NamedTuple):
     config: SolverConfig  # hyper-parameters zeroed
     eps: Any
     op: Any
-    x_shape: tuple[int, ...]
+    x_shape: tuple[int, ...]  # [B, H, W, C]; B includes the padding
     trajectory: bool
     remat: bool = False  # jax.checkpoint each step (memory of a backward pass: one state a step)
+    per_image_keys: bool = False  # key is [B]: image i draws from key[i] alone
+    batch: int = 0  # the real batch (< x_shape[0] when padded); 0: x_shape[0]
+    mesh: Any = None  # a Mesh: batch-leading arrays are constrained to P("data")
+    key_impl: str | None = None  # the key arrives as raw data of this PRNG impl (across hosts)
+    unmean: bool = False  # RED-Diff batch_mean solved as image_mean with weights / batch
 
 
 class _Carry(NamedTuple):
@@ -96,10 +115,52 @@ def _build(statics: _Statics, dyn: dict):
     return statics.config.build(eps_fn, op, alphas_cumprod=dyn["alphas"])
 
 
+def _real_batch(statics: _Statics) -> int:
+    return statics.batch or statics.x_shape[0]
+
+
+def _constrain(statics: _Statics, tree: Any, *, axis: int = 0) -> Any:
+    """Pins the batch axis of every batch-sized leaf of ``tree`` to the mesh's data axis."""
+    if statics.mesh is None:
+        return tree
+    size = statics.x_shape[0]
+    spec = sharding_lib.batch_sharding(statics.mesh, axis=axis)
+
+    def pin(v):
+        if hasattr(v, "ndim") and v.ndim > axis and v.shape[axis] == size:
+            return jax.lax.with_sharding_constraint(v, spec)
+        return v
+
+    return jax.tree_util.tree_map(pin, tree)
+
+
+def _wrap_key(statics: _Statics, key):
+    return key if statics.key_impl is None else jax.random.wrap_key_data(key, impl=statics.key_impl)
+
+
+def _pad_draws(statics: _Statics, draws: dict) -> dict:
+    size = statics.x_shape[0]
+    return {n: sharding_lib.pad_rows(v, size) for n, v in draws.items()}
+
+
+def _draw(statics: _Statics, key, draw_one: Callable[[Any, tuple], dict]) -> dict:
+    """The draws of one init/step: from one key for the batch, or per image from its own key."""
+    if statics.per_image_keys:
+        one = (1, *statics.x_shape[1:])
+        draws = jax.vmap(lambda k: draw_one(k, one))(key)
+        return {n: v.reshape(statics.x_shape) for n, v in draws.items()}
+    if statics.batch and not jax.config.jax_threefry_partitionable:
+        # a non-partitionable threefry stream depends on the whole shape: draw the real batch
+        real = (statics.batch, *statics.x_shape[1:])
+        return _pad_draws(statics, draw_one(key, real))
+    return draw_one(key, statics.x_shape)  # partitionable: rows are a prefix-stable stream
+
+
 def _init_core(statics: _Statics, dyn: dict, y, hyper, key, noise) -> _Carry:
     solver = _build(statics, dyn)
-    draws = solver.draw_init(key, statics.x_shape) if noise is None else noise
-    state = solver.init(y, hyper, draws)
+    key = _wrap_key(statics, key)
+    draws = _draw(statics, key, solver.draw_init) if noise is None else noise
+    state = _constrain(statics, solver.init(y, hyper, draws))
     batch = statics.x_shape[0]
     return _Carry(state, jnp.full((batch,), -1, jnp.int32), jnp.zeros((batch,), jnp.int32))
 
@@ -119,10 +180,15 @@ def _image_status(out, max_abs: Array) -> Array:
 def _chunk_core(statics: _Statics, dyn: dict, key, carry: _Carry, ks, ts, ss, noise):
     solver = _build(statics, dyn)
     pad = padded_alphas(dyn["alphas"])
+    key = _wrap_key(statics, key)
 
     def body(c: _Carry, xs):
         k, t, s, nz = xs
-        draws = solver.draw_step(key, k, statics.x_shape) if nz is None else nz
+        if nz is None:
+            draws = _draw(statics, key, lambda kk, shape: solver.draw_step(kk, k, shape))
+        else:
+            draws = nz
+        draws = _constrain(statics, draws)
         state, out = solver.step(c.state, StepInput(k, t, pad[t + 1], pad[s + 1]), draws)
         code = _image_status(out, dyn["max_abs"]).astype(jnp.int32)
         new = (c.failed_step < 0) & (code != SolveStatus.SUCCESS)
@@ -131,7 +197,7 @@ def _chunk_core(statics: _Statics, dyn: dict, key, carry: _Carry, ks, ts, ss, no
         rec = {"info": out.stats}
         if statics.trajectory:
             rec["trajectory"] = {"x": out.x, "x0": out.x0}
-        return _Carry(state, failed, reason), rec
+        return _constrain(statics, _Carry(state, failed, reason)), _constrain(statics, rec)
 
     # The one scan of the code base; its body's convolutions are made canonical, so XLA CPU runs
     # the input-gradient convolutions of DPS / PGDM on its fast path (see _scan_convs).
@@ -140,18 +206,61 @@ def _chunk_core(statics: _Statics, dyn: dict, key, carry: _Carry, ks, ts, ss, no
     return _scan_convs.scan(body, carry, (ks, ts, ss, noise))
 
 
+def _real_loss(statics: _Statics, dyn: dict, info: dict, state: Any) -> tuple[dict, Any]:
+    """RED-Diff over a padded batch: its batch loss over the real images only (its one stat
+    that aggregates images); with ``unmean`` (see _exclude_padding) its batch_mean weights
+    ``w_t``, ``v_t`` and the state's ``lam``, ``obs_weight`` as given."""
+    from reddiff_jax.solvers.reddiff import RedDiffConfig
+
+    if not statics.batch or not isinstance(statics.config, RedDiffConfig):
+        return info, state
+    real = statics.batch
+    w_t, v_t = info["w_t"], info["v_t"]
+    if statics.unmean:
+        given = dyn["given"]
+        w_t, v_t = w_t * real, jnp.broadcast_to(given["obs_weight"], v_t.shape)
+        state = state._replace(lam=given["lam"], obs_weight=given["obs_weight"])
+    combine = jnp.mean if statics.unmean else jnp.sum  # batch_mean / image_mean and sum
+    noise = combine(info["loss_noise"][:, :real], axis=1)
+    obs = combine(info["loss_obs"][:, :real], axis=1)
+    return {**info, "w_t": w_t, "v_t": v_t, "loss": w_t * noise + v_t * obs}, state
+
+
 def _finish_core(statics: _Statics, dyn: dict, carry: _Carry, recs: dict, ts) -> Solution:
     solver = _build(statics, dyn)
     failed = carry.failed_step
-    return Solution(
+    info, state = _real_loss(statics, dyn, recs["info"], carry.state)
+    sol = Solution(
         x=solver.output(carry.state),
-        state=carry.state,
-        info=recs["info"],
+        state=state,
+        info=info,
         ts=jnp.asarray(ts, jnp.int32),
         status=jnp.where(failed < 0, SolveStatus.SUCCESS, carry.reason).astype(jnp.int32),
         failed_step=failed,
         trajectory=recs.get("trajectory"),
     )
+    return _unpad(statics, sol)
+
+
+def _unpad(statics: _Statics, sol: Solution) -> Solution:
+    """Drops the padding images: every leaf with the padded batch on axis 0 (x, state, status),
+    and axis 1 of the per-step records ([K, B] info, [K, B, ...] trajectory)."""
+    size, real = statics.x_shape[0], _real_batch(statics)
+    if real == size:
+        return sol
+
+    def cut(axis):
+        def f(v):
+            if hasattr(v, "ndim") and v.ndim > axis and v.shape[axis] == size:
+                return jax.lax.slice_in_dim(v, 0, real, axis=axis)
+            return v
+
+        return f
+
+    lead = jax.tree_util.tree_map(cut(0), (sol.x, sol.state, sol.status, sol.failed_step))
+    per_step = jax.tree_util.tree_map(cut(1), (sol.info, sol.trajectory))
+    return sol.replace(x=lead[0], state=lead[1], status=lead[2], failed_step=lead[3],
+                       info=per_step[0], trajectory=per_step[1])  # fmt: skip
 
 
 def _solve_core(statics, dyn, y, hyper, key, noise, ts, ss) -> Solution:
@@ -236,11 +345,102 @@ def _prepare(config, eps_fn, op, y, key, noise, alphas_cumprod, max_abs, x_shape
     ac = schedule_of(config, alphas_cumprod)
     solver = config.build(eps_fn, op, alphas_cumprod=ac)  # capability errors surface here
     noise = _check_noise(noise, solver, x_shape, config.num_iterations)
-    key = check_key(key, optional=noise is not None)
+    key, per_image = _check_keys(key, x_shape[0], optional=noise is not None)
     eps_static, eps_dyn = split_static(eps_fn)
     op_static, op_dyn = (None, None) if op is None else split_static(op)
     dyn = {"eps": eps_dyn, "op": op_dyn, "alphas": ac, "max_abs": _max_abs(max_abs)}
-    return eps_static, op_static, dyn, noise, key
+    return eps_static, op_static, dyn, noise, key, per_image
+
+
+def _check_keys(key: Any, batch: int, *, optional: bool) -> tuple[Array, bool]:
+    """-> (key, per_image): one PRNG key, or ``batch`` keys (typed [B] or raw uint32 [B, 2])."""
+    if key is not None and hasattr(key, "shape") and hasattr(key, "dtype"):
+        typed = jnp.issubdtype(key.dtype, jax.dtypes.prng_key)
+        raw = key.dtype == np.uint32 and key.ndim == 2 and key.shape[-1] == 2
+        if (typed and key.ndim == 1) or raw:
+            if key.shape[0] != batch:
+                raise ValueError(
+                    f"key: expected one key, or {batch} keys (one per image of the batch), got "
+                    f"{key.shape[0]} keys"
+                )
+            return (key if isinstance(key, jax.Array) else jnp.asarray(key)), True
+    try:
+        return check_key(key, optional=optional), False
+    except TypeError as err:
+        raise TypeError(f"{err}, or {batch} keys (one per image: shape [{batch}])") from None
+
+
+def _check_y(op: Any, y: Any, *, name: str = "y") -> Array:
+    """``check_measurement``, also for a global array spanning processes (checked on device)."""
+    if isinstance(y, jax.Array) and is_concrete(y) and not y.is_fully_addressable:
+        check_measurement(op, np.broadcast_to(np.zeros((), y.dtype), y.shape), name=name)
+        if not bool(_all_finite(y)):
+            raise ValueError(f"{name}: expected finite values, got non-finite entries")
+        return y if y.dtype == jnp.float32 else _as_f32(y)
+    return check_measurement(op, y, name=name)
+
+
+_all_finite = jax.jit(lambda v: jnp.all(jnp.isfinite(v)))
+_as_f32 = jax.jit(lambda v: v.astype(jnp.float32))
+
+
+def _raw_key(key: Array) -> tuple[Array, str | None]:
+    """A key (or keys) as raw uint32 data, which crosses processes, and its PRNG impl."""
+    if jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
+        return jax.random.key_data(key), str(jax.random.key_impl(key))
+    return key, None
+
+
+def _shard_solve(statics: _Statics, config, mesh, dyn, y, hyper, key, noise):
+    """Pads the batch to a multiple of the data axis and places every input on ``mesh``."""
+    real = statics.x_shape[0]
+    size = sharding_lib.padded_size(real, mesh)
+    bat, rep = sharding_lib.batch_sharding(mesh), sharding_lib.replicated(mesh)
+    unmean = False
+    if size != real:
+        given = hyper
+        config, hyper, unmean = _exclude_padding(config, hyper, real)
+        if unmean:
+            dyn = {**dyn, "given": {n: given[n] for n in ("lam", "obs_weight")}}
+    key, impl = _raw_key(key)
+    pad = functools.partial(sharding_lib.pad_rows, size=size)
+    if statics.per_image_keys:
+        key = sharding_lib.put(pad(key), bat)
+    else:
+        key = sharding_lib.put(key, rep)
+    if y is not None:
+        y = sharding_lib.put(pad(y), bat)
+    if noise is not None:
+        init, step = noise
+        init = {n: sharding_lib.put(pad(v), bat) for n, v in init.items()}
+        step_bat = sharding_lib.batch_sharding(mesh, axis=1)
+        step = {n: sharding_lib.put(pad(v, axis=1), step_bat) for n, v in step.items()}
+        noise = (init, step)
+    put_rep = functools.partial(sharding_lib.put, sharding=rep)
+    dyn = jax.tree_util.tree_map(put_rep, dyn)
+    hyper = jax.tree_util.tree_map(put_rep, hyper)
+    statics = statics._replace(config=config.static(), x_shape=(size, *statics.x_shape[1:]),
+                               batch=real if size != real else 0, mesh=mesh, key_impl=impl,
+                               unmean=unmean)  # fmt: skip
+    return statics, dyn, y, hyper, key, noise
+
+
+def _exclude_padding(config: SolverConfig, hyper: dict, batch: int):
+    """RED-Diff's ``batch_mean`` couples the images through 1/B. Over a padded batch it is solved
+    as ``image_mean`` with ``lam`` and ``obs_weight`` divided by the real B (the same gradients;
+    the padding images get their own, unused ones); its stats are restored in ``_finish_core``.
+    """
+    from reddiff_jax.solvers.reddiff import RedDiffConfig
+
+    if getattr(config, "reduction", None) != "batch_mean":
+        return config, hyper, False
+    if not isinstance(config, RedDiffConfig):
+        raise NotImplementedError(
+            f"mesh: {type(config).__name__} with reduction='batch_mean' over a padded batch; "
+            f"pass a batch that the mesh's data axis divides"
+        )
+    scaled = {**hyper, "lam": hyper["lam"] / batch, "obs_weight": hyper["obs_weight"] / batch}
+    return dataclasses.replace(config, reduction="image_mean"), scaled, True
 
 
 def _max_abs(max_abs: float | None) -> Array:
@@ -255,6 +455,7 @@ def _run(statics, dyn, y, hyper, key, noise, progress) -> Solution:
     ts, ss = _grid(statics.config)
     chunks = _progress_chunks(len(ts), progress)
     if len(chunks) == 1 and not progress:
+        # init, the one scan of every step, finish: dispatched back to back, no host sync
         carry = _init_jit(statics, dyn, y, hyper, key, None if noise is None else noise[0])
         ks = np.arange(len(ts), dtype=np.int32)
         step_noise = None if noise is None else noise[1]
@@ -285,8 +486,17 @@ def _run(statics, dyn, y, hyper, key, noise, progress) -> Solution:
     return _finish_jit(statics, dyn, carry, recs, ts)
 
 
+def _host(x: Any) -> np.ndarray:
+    """A concrete array as numpy, gathered from every process when it spans several."""
+    if not isinstance(x, jax.Array) or x.is_fully_addressable or x.is_fully_replicated:
+        return np.asarray(x)
+    from jax.experimental import multihost_utils
+
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+
 def _raise_failures(config: SolverConfig, status: Any, failed: Any, what: str) -> None:
-    status, failed = np.asarray(status).reshape(-1), np.asarray(failed).reshape(-1)
+    status, failed = _host(status).reshape(-1), _host(failed).reshape(-1)
     bad = np.flatnonzero(status != SolveStatus.SUCCESS)
     if not bad.size:
         return
@@ -331,6 +541,7 @@ def solve(
     throw: bool = True,
     max_abs: float | None = MAX_ABS,
     remat: bool = False,
+    mesh: Any = None,
 ) -> Solution:
     """Solves the inverse problem ``y = A(x) + noise`` for a batch with the algorithm ``config``.
 
@@ -342,7 +553,11 @@ def solve(
       op: operator on one image [H, W, C] (``op.A``; ``A_dagger`` / ``svd`` as the algorithm
         needs), shared by the batch.
       y: measurements [B, *y_shape] float32 (``y_shape`` = shape of ``op.A`` of one image).
-      key: PRNG key of every random draw; None only when ``noise`` replays them all.
+      key: PRNG key of every random draw (one for the batch); or B keys, one per image (typed
+        [B], or raw uint32 [B, 2]): image i's draws come from ``key[i]`` alone, as in a batch of
+        one, so with a reduction that couples no images (RED-Diff ``image_mean``; every
+        baseline) image i's result does not depend on its batch. None only when ``noise``
+        replays every draw.
 
     Other arguments:
       noise: replays the draws: a dict with the algorithm's init draws [B, H, W, C] (samplers:
@@ -359,19 +574,30 @@ def solve(
       remat: ``jax.checkpoint`` every step, so differentiating through the whole solve (e.g.
         ``jax.grad`` of a loss w.r.t. a traced ``lam``) stores one state per step instead of
         the network's activations; the result is unchanged.
+      mesh: a :class:`jax.sharding.Mesh` with a ``"data"`` axis: the batch is sharded over it
+        (padded to a multiple of its size; the padding is dropped from the result and never
+        enters RED-Diff's ``batch_mean``), everything else is replicated. ``y`` may be a
+        global array spanning processes (``reddiff_jax.sharding.global_batch``).
 
     Returns:
       A :class:`Solution`; ``solution.x`` [B, H, W, C] is the restored batch.
     """
     config = _check_config(config)
     _check_eps_fn(eps_fn)
-    y = check_measurement(op, y)
+    mesh = None if mesh is None else sharding_lib.check_mesh(mesh)
+    y = _check_y(op, y)
     x_shape = (y.shape[0], *image_shape_of(op))
-    eps_s, op_s, dyn, noise, key = _prepare(
+    eps_s, op_s, dyn, noise, key, per_image = _prepare(
         config, eps_fn, op, y, key, noise, alphas_cumprod, max_abs, x_shape
     )
-    statics = _Statics(config.static(), eps_s, op_s, x_shape, bool(trajectory), bool(remat))
-    sol = _run(statics, dyn, y, config.hyperparams(), key, noise, progress)
+    statics = _Statics(config.static(), eps_s, op_s, x_shape, bool(trajectory), bool(remat),
+                       per_image_keys=per_image)  # fmt: skip
+    hyper = config.hyperparams()
+    if mesh is not None:
+        statics, dyn, y, hyper, key, noise = _shard_solve(
+            statics, config, mesh, dyn, y, hyper, key, noise
+        )
+    sol = _run(statics, dyn, y, hyper, key, noise, progress)
     if throw:
         _check_solution(config, sol, "image")
     return sol
@@ -389,10 +615,12 @@ def sample(
     progress: Any = False,
     throw: bool = True,
     max_abs: float | None = MAX_ABS,
+    mesh: Any = None,
 ) -> Solution:
     """Draws ``B`` images from the prior with an unconditional algorithm (:class:`DDIMConfig`).
 
-    ``shape`` is (B, H, W, C); the other arguments are those of :func:`solve`.
+    ``shape`` is (B, H, W, C); the other arguments (``key``: one, or B keys) are those of
+    :func:`solve`.
     """
     config = _check_config(config)
     if registry.lookup(config).conditional:
@@ -402,11 +630,18 @@ def sample(
     if len(shape) != 4 or not all(isinstance(s, int | np.integer) and s > 0 for s in shape):
         raise ValueError(f"shape: expected (B, H, W, C) positive ints, got {shape!r}")
     x_shape = tuple(int(s) for s in shape)
-    eps_s, _, dyn, noise, key = _prepare(
+    mesh = None if mesh is None else sharding_lib.check_mesh(mesh)
+    eps_s, _, dyn, noise, key, per_image = _prepare(
         config, eps_fn, None, None, key, noise, alphas_cumprod, max_abs, x_shape
     )
-    statics = _Statics(config.static(), eps_s, None, x_shape, bool(trajectory))
-    sol = _run(statics, dyn, None, config.hyperparams(), key, noise, progress)
+    statics = _Statics(config.static(), eps_s, None, x_shape, bool(trajectory),
+                       per_image_keys=per_image)  # fmt: skip
+    hyper = config.hyperparams()
+    if mesh is not None:
+        statics, dyn, _, hyper, key, noise = _shard_solve(
+            statics, config, mesh, dyn, None, hyper, key, noise
+        )
+    sol = _run(statics, dyn, None, hyper, key, noise, progress)
     if throw:
         _check_solution(config, sol, "sample")
     return sol
@@ -435,7 +670,7 @@ def _per_measurement(hyper: Mapping[str, Any] | None, config: SolverConfig, num:
     return values, axes
 
 
-def _many_core(statics, op_axis, dyn, ys, keys, hyper, hyper_axes, noise, ts, ss):
+def _many_core(statics, op_axis, dyn, ys, keys, hyper, hyper_axes, noise, ts, ss, real):
     def one(op_dyn, y, key, h, nz):
         if nz is not None:  # one measurement's draws -> a batch of one
             nz = (
@@ -456,10 +691,34 @@ def _many_core(statics, op_axis, dyn, ys, keys, hyper, hyper_axes, noise, ts, ss
 
     noise_axis = None if noise is None else 0
     axes = (op_axis, 0, 0, dict(hyper_axes), noise_axis)
-    return jax.vmap(one, in_axes=axes)(dyn["op"], ys, keys, hyper, noise)
+    sol = jax.vmap(one, in_axes=axes)(dyn["op"], ys, keys, hyper, noise)
+    if real and real < ys.shape[0]:  # drop the padding measurements (every leaf leads with M)
+        sol = jax.tree_util.tree_map(lambda v: v[:real], sol)
+    return sol
 
 
-_many_jit = jax.jit(_many_core, static_argnums=(0, 1, 6))
+_many_jit = jax.jit(_many_core, static_argnums=(0, 1, 6, 10))
+
+
+def _shard_many(mesh, op_axis, dyn, ys, keys, hyper, hyper_axes, noise):
+    """Pads the M axis to a multiple of the data axis and places the inputs on ``mesh``: ys,
+    keys, stacked operators, [M] hyper-parameters and noise sharded over it; the rest
+    replicated."""
+    size = sharding_lib.padded_size(ys.shape[0], mesh)
+    bat, rep = sharding_lib.batch_sharding(mesh), sharding_lib.replicated(mesh)
+
+    def shard(v):
+        return sharding_lib.put(sharding_lib.pad_rows(v, size), bat)
+
+    def put_rep(v):
+        return sharding_lib.put(v, rep)
+
+    keys, impl = _raw_key(keys)
+    dyn = {n: jax.tree_util.tree_map(shard if n == "op" and op_axis == 0 else put_rep, v)
+           for n, v in dyn.items()}  # fmt: skip
+    hyper = {n: shard(v) if hyper_axes[n] == 0 else put_rep(v) for n, v in hyper.items()}
+    noise = None if noise is None else jax.tree_util.tree_map(shard, noise)
+    return dyn, shard(ys), shard(keys), hyper, noise, impl
 
 
 def _split_keys(keys: Any, num: int, optional: bool) -> Array:
@@ -491,6 +750,7 @@ def solve_many(
     throw: bool = True,
     max_abs: float | None = MAX_ABS,
     remat: bool = False,
+    mesh: Any = None,
 ) -> Solution:
     """Many independent measurements in one compiled call (``vmap`` of :func:`solve`).
 
@@ -507,6 +767,9 @@ def solve_many(
         the others keep the config's values. Never recompiles for new values.
       noise: replayed draws per measurement: init draws [M, H, W, C], step draws
         [M, K, H, W, C].
+      mesh: a :class:`jax.sharding.Mesh` with a ``"data"`` axis: the M axis (ys, keys, stacked
+        operators, [M] hyper-parameters, noise) is sharded over it, padded to a multiple of
+        its size (the padding is dropped from the result); the rest is replicated.
 
     Returns:
       A :class:`Solution` with a leading [M] axis and no batch axis: ``x`` [M, H, W, C],
@@ -514,10 +777,11 @@ def solve_many(
     """
     config = _check_config(config)
     _check_eps_fn(eps_fn)
+    mesh = None if mesh is None else sharding_lib.check_mesh(mesh)
     if op_axis not in (0, None):
         raise ValueError(f"op_axis: expected 0 (stacked operators) or None (shared), got {op_axis}")
     one_op = ops if op_axis is None else jax.tree_util.tree_map(lambda v: v[0], ops)
-    ys = check_measurement(one_op, ys, name="ys")
+    ys = _check_y(one_op, ys, name="ys")
     num = ys.shape[0]
     if op_axis == 0:
         sizes = {int(v.shape[0]) if v.ndim else 0 for v in jax.tree_util.tree_leaves(ops)
@@ -536,13 +800,18 @@ def solve_many(
     eps_static, eps_dyn = split_static(eps_fn)
     op_static = split_static(one_op)[0]
     op_dyn = split_static(ops)[1]
-    statics = _Statics(
-        config.static(), eps_static, op_static, (1, *image_shape), bool(trajectory), bool(remat)
-    )
     dyn = {"eps": eps_dyn, "op": op_dyn, "alphas": ac, "max_abs": _max_abs(max_abs)}
+    impl = None
+    if mesh is not None:
+        dyn, ys, keys, values, noise, impl = _shard_many(
+            mesh, op_axis, dyn, ys, keys, values, axes, noise
+        )
+    statics = _Statics(config.static(), eps_static, op_static, (1, *image_shape),
+                       bool(trajectory), bool(remat), key_impl=impl)  # fmt: skip
     ts, ss = _grid(config)
     axes_key = tuple(sorted(axes.items()))
-    sol = _many_jit(statics, op_axis, dyn, ys, keys, values, axes_key, noise, ts, ss)
+    real = num if ys.shape[0] != num else 0
+    sol = _many_jit(statics, op_axis, dyn, ys, keys, values, axes_key, noise, ts, ss, real)
     if throw:
         _check_solution(config, sol, "measurement")
     return sol
