@@ -1,9 +1,11 @@
 """Batched restoration with resume: measurements, fixed batches, per-image records.
 
 Shared by the main job (:mod:`reddiff_jax.restore`) and the evaluation
-(:mod:`reddiff_jax.evaluate`). Images are float32 NHWC [-1, 1]; measurements ``y`` are
-``[N, *y_shape]``. A run's output folder holds one finished pair per image: its PNG and its
-record (``records/<name>.json``, written after the PNG), so a rerun skips finished images.
+(:mod:`reddiff_jax.evaluate`). Image i's random draws come from ``fold_in(key, i)``, so how the
+images are split into batches, devices and processes does not change a result. Images are
+float32 NHWC [-1, 1]; measurements ``y`` are ``[N, *y_shape]``. A run's output folder holds one
+finished pair per image: its PNG and its record (``records/<name>.json``, written after the
+PNG), so a rerun skips finished images.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import math
 import time
 import uuid
 from collections.abc import Callable, Sequence
@@ -21,12 +24,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from reddiff_jax import operators, solvers
+from reddiff_jax import operators, sharding, solvers
 from reddiff_jax.solvers import SolverConfig
+from reddiff_jax.solvers.common import merge_static, split_static
 
 __all__ = [
     "BatchResult",
     "config_record",
+    "image_keys",
     "key_data",
     "prepare_out",
     "pseudo_inverse",
@@ -64,9 +69,36 @@ class BatchResult:
     seconds: float  # wall time of the solve (compilation included for the first batch)
 
 
-def _batches(n: int, batch: int, todo: set[int]) -> list[np.ndarray]:
-    spans = [np.arange(s, min(s + batch, n)) for s in range(0, n, batch)]
-    return [idx for idx in spans if todo & set(idx.tolist())]
+def image_keys(key: jax.Array, indices: Sequence[int] | np.ndarray) -> np.ndarray:
+    """Raw uint32 [n, 2] keys ``fold_in(key, i)`` of the images ``indices`` (every draw of image
+    i comes from these alone)."""
+    idx = jnp.asarray(np.asarray(indices, np.int64).reshape(-1), jnp.int32)
+    return np.asarray(_fold_all(key, idx))
+
+
+@jax.jit
+def _fold_all(key: jax.Array, idx: jax.Array) -> jax.Array:
+    keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(idx)
+    return jax.random.key_data(keys) if jnp.issubdtype(keys.dtype, jax.dtypes.prng_key) else keys
+
+
+def _rounds(todo: list[int], size: int, rounds: int, fill: int) -> list[tuple[np.ndarray, int]]:
+    """``rounds`` batches of ``size`` positions: ``todo`` in order, then copies of the last one
+    (or of ``fill`` when there is none); each with its count of real entries."""
+    out = []
+    for r in range(rounds):
+        real = todo[r * size : (r + 1) * size]
+        pad = real[-1] if real else fill
+        out.append((np.asarray(real + [pad] * (size - len(real)), np.int64), len(real)))
+    return out
+
+
+def _place_replicated(obj: Any, mesh: Any) -> Any:
+    """``obj`` (an eps_fn or an operator) with its arrays replicated on ``mesh`` once, so each
+    batch's solve finds them placed."""
+    static, dynamic = split_static(obj)
+    rep = sharding.replicated(mesh)
+    return merge_static(static, jax.tree_util.tree_map(lambda v: sharding.put(v, rep), dynamic))
 
 
 def solve_batches(
@@ -81,47 +113,92 @@ def solve_batches(
     on_batch: Callable[[BatchResult], None] | None = None,
     progress: bool = True,
     desc: str = "restore",
+    mesh: Any = None,
 ) -> list[BatchResult]:
-    """Solves the measurements ``y`` [N, *y_shape] in fixed batches of ``batch``.
+    """Solves the measurements ``y`` [N, *y_shape] in batches of ``batch``.
 
-    Batch j holds images ``j*batch .. (j+1)*batch - 1`` and uses ``fold_in(key, j)``; the last
-    one is padded (repeating its last measurement) so every call has one shape and the compiled
-    solve is reused. Batches with no index in ``todo`` are skipped. The progress bar counts
-    solver steps over all batches (rate and time left). A diverging image does not stop the
-    run: its status is reported in the result.
+    Image i draws from ``fold_in(key, i)`` alone (per-image keys), so with a reduction that
+    couples no images (RED-Diff ``image_mean``, every baseline) its result does not depend on
+    ``batch``, on the devices or processes, or on what an earlier run finished. The images of
+    ``todo`` (default: all) are taken in order; the last batch is padded (repeating its last
+    measurement), so every call has one shape and one compiled solve serves all. Batch j + 1 is
+    dispatched before batch j's results are fetched, so the host writes while the devices
+    solve. A diverging image does not stop the run: its status is in the result.
 
     Args:
+      mesh: a ``("data",)`` mesh (:func:`reddiff_jax.sharding.data_mesh`): each batch is
+        sharded over it (``batch`` rounded up to a multiple of its size). When it spans several
+        processes, every process must call this with the same arguments: process p solves the
+        images of ``sharding.process_span(N)`` (its part of every global batch, built with
+        ``make_array_from_process_local_data``), and gets and reports only those.
       on_batch: called with each :class:`BatchResult` as soon as it is solved (write it there,
-        so an interruption keeps what is finished).
+        so an interruption keeps what is finished). When a later dispatch is interrupted, the
+        batch in flight is finished and reported first.
+      progress: a tqdm bar over the solver steps (advanced per batch; process 0 only).
 
     Returns:
-      The :class:`BatchResult` of every solved batch, in order.
+      The :class:`BatchResult` of every solved batch, in order (this process's images only).
     """
     from tqdm.auto import tqdm
 
     n = len(y)
     if not isinstance(batch, int | np.integer) or isinstance(batch, bool) or batch < 1:
         raise ValueError(f"batch: expected a positive int, got {batch!r}")
-    todo_set = set(range(n)) if todo is None else {int(i) for i in todo}
-    spans = _batches(n, int(batch), todo_set)
+    procs = 1 if mesh is None else len({d.process_index for d in mesh.devices.flat})
+    if mesh is not None:
+        sharding.check_mesh(mesh)
+        batch = sharding.padded_size(int(batch), mesh)
+        eps_fn, op = _place_replicated(eps_fn, mesh), _place_replicated(op, mesh)
+    owned = set(range(n)) if procs == 1 else set(sharding.process_span(n))
+    todo_list = sorted(owned if todo is None else {int(i) for i in todo} & owned)
+    local = int(batch) // procs
+    rounds = math.ceil(len(todo_list) / local)
+    if procs > 1:  # every process runs the same number of solves (they are collectives)
+        rounds = sharding.max_over_processes(rounds)
+    fill = min(owned) if owned else 0
+    spans = _rounds(todo_list, local, rounds, fill)
     steps = config.num_iterations
-    results = []
-    with tqdm(total=len(spans) * steps, desc=desc, unit="step", disable=not progress) as bar:
-        for idx in spans:
-            j = int(idx[0]) // batch
-            yb = np.asarray(y[idx])
-            if len(idx) < batch:
-                yb = np.concatenate([yb, np.repeat(yb[-1:], batch - len(idx), axis=0)])
-            start = time.perf_counter()
-            sol = solvers.solve(config, eps_fn, op, jnp.asarray(yb), jax.random.fold_in(key, j),
-                                progress=bar if progress else False, throw=False)  # fmt: skip
-            x = np.asarray(jax.block_until_ready(sol.x))[: len(idx)]
-            res = BatchResult(idx, x, np.asarray(sol.status)[: len(idx)],
-                              np.asarray(sol.failed_step)[: len(idx)],
-                              time.perf_counter() - start)  # fmt: skip
+    show = progress and jax.process_index() == 0
+    results: list[BatchResult] = []
+
+    def dispatch(idx: np.ndarray):
+        yb, kb = np.asarray(y[idx]), image_keys(key, idx)
+        if procs > 1:
+            yb, kb = sharding.global_batch(yb, mesh), sharding.global_batch(kb, mesh)
+        else:
+            yb, kb = jnp.asarray(yb), jnp.asarray(kb)
+        start = time.perf_counter()
+        sol = solvers.solve(config, eps_fn, op, yb, kb, mesh=mesh, progress=False, throw=False)
+        return sol, start
+
+    def finish(span, sol, start, bar) -> None:
+        idx, real = span
+        rows = functools.partial(sharding.local_rows, mesh=mesh) if procs > 1 else np.asarray
+        x = rows(jax.block_until_ready(sol.x))[:real]
+        seconds = time.perf_counter() - start
+        res = BatchResult(idx[:real], x, rows(sol.status)[:real], rows(sol.failed_step)[:real],
+                          seconds)  # fmt: skip
+        bar.update(steps)
+        if real:
             results.append(res)
             if on_batch is not None:
                 on_batch(res)
+
+    with tqdm(total=len(spans) * steps, desc=desc, unit="step", disable=not show) as bar:
+        pending = None
+        for span in spans:
+            try:
+                sol, start = dispatch(span[0])
+            except BaseException:
+                if pending is not None:  # finish what the devices already have
+                    finish(*pending, bar)
+                raise
+            if pending is not None:
+                prev, pending = pending, None
+                finish(*prev, bar)
+            pending = (span, sol, start)
+        if pending is not None:
+            finish(*pending, bar)
     return results
 
 

@@ -35,7 +35,7 @@ import jax
 import numpy as np
 from PIL import Image
 
-from reddiff_jax import imageio, operators, pipeline
+from reddiff_jax import imageio, operators, pipeline, sharding
 from reddiff_jax import metrics as metrics_lib
 from reddiff_jax.assets import default_heldout_path, default_model_path
 from reddiff_jax.grid import grid_png, measurement_display
@@ -263,15 +263,19 @@ def _claim_out(out: Path, settings: dict, names: list[str], overwrite: bool) -> 
             f"out: {out} holds the outputs of a run with other settings (differences: "
             f"{diff}); choose another --out or pass --overwrite"
         )
-    if overwrite:
-        keep = set(names)
-        for sub, suffix in (("restored", ".png"), ("records", ".json")):
-            for f in (out / sub).glob(f"*{suffix}"):
-                if f.stem not in keep:
-                    f.unlink()
-    imageio.atomic_write_json(run_file, settings)
-    if overwrite:
-        return {}
+    if jax.process_index() == 0:  # with several processes, only process 0 writes here
+        if overwrite:
+            keep = set(names)
+            for sub, suffix in (("restored", ".png"), ("records", ".json")):
+                for f in (out / sub).glob(f"*{suffix}"):
+                    if f.stem not in keep:
+                        f.unlink()
+        imageio.atomic_write_json(run_file, settings)
+    return {} if overwrite else _finished(out, names)
+
+
+def _finished(out: Path, names: list[str]) -> dict[int, dict]:
+    """The records by index of the images whose PNG and record are both written."""
     finished = {}
     for i, name in enumerate(names):
         rec = pipeline.read_record(out / "records" / f"{name}.json", name=name)
@@ -371,6 +375,7 @@ def restore(
     n: int | None = None,
     y: str | os.PathLike | None = None,
     batch: int = 8,
+    devices: int | str = "all",
     params: dict[str, Any] | None = None,
     grid_rows: int = 8,
     overwrite: bool = False,
@@ -380,7 +385,8 @@ def restore(
 
     Main arguments:
       key: PRNG key; the operator (random masks), the measurement noise (image i:
-        ``fold_in(key_y, i)``) and each batch's solver draws derive from it.
+        ``fold_in(key_y, i)``) and image i's solver draws (``fold_in(key_solve, i)``) derive
+        from it.
       inputs: image files or folders (the size must be the model's). With ``y``, optional
         ground truth.
       out: output folder (created).
@@ -395,7 +401,14 @@ def restore(
       demo: use the first ``n`` held-out digits of the embedded prior as inputs.
       n: with ``demo``, how many digits (default 8); otherwise the first ``n`` inputs.
       y: measured y instead of a simulated one (see :func:`load_measurements`).
-      batch: images per solver call.
+      batch: images per solver call (over all devices; rounded up to a multiple of them).
+        Neither ``batch`` nor ``devices`` changes a result: image i draws from
+        ``fold_in(key_solve, i)`` alone.
+      devices: ``"all"`` (every device of every process) or N local devices; the batch is
+        sharded over them. With several processes (``jax.distributed.initialize`` first, as
+        ``reddiff-jax restore --distributed`` does), every process runs this with the same
+        arguments and a shared ``out``: process p restores and writes its block of the images
+        (``sharding.process_span``); process 0 writes run.json, grid.png and metrics.json.
       params: solver settings overriding the task defaults (e.g. ``{"lam": 0.5}``).
       grid_rows: images shown in grid.png (at most).
       overwrite: reuse an ``out`` written with other settings (stale outputs are removed).
@@ -405,10 +418,17 @@ def restore(
       :class:`RestoreOutputs` (``failed`` lists images whose solve diverged).
     """
     _check_options(algo, sigma_y, batch, grid_rows)
+    mesh = sharding.data_mesh(devices)
+    mesh = mesh if mesh.size > 1 else None
+    multi = jax.process_count() > 1
     model, model_name = _load_model(model)
     cfg = model.config
     image_shape = (cfg.image_size, cfg.image_size, cfg.in_channels)
     config = algo_config(algo, task, steps=steps, sigma_y=sigma_y, overrides=params)
+    if getattr(config, "reduction", None) == "batch_mean" and "reduction" not in (params or {}):
+        # RED-Diff: batch_mean couples a batch's images (1/B and Adam's eps); image_mean solves
+        # each image on its own, so --batch, --devices and resuming change no result
+        config = dataclasses.replace(config, reduction="image_mean")
     k_op, k_y, k_solve = (jax.random.fold_in(key, i) for i in range(3))
     op = operators.make_from_spec(task, image_shape, key=k_op)
     reason = registry.applicable(algo, op)
@@ -420,23 +440,35 @@ def restore(
     settings = {"task": task, "algo": algo, "sigma_y": float(sigma_y),
                 "config": pipeline.config_record(config),
                 "iterations": int(config.num_iterations), "model": model_name,
-                "key": pipeline.key_data(key), "batch": int(batch),
+                "key": pipeline.key_data(key),
                 "y": None if y is None else str(Path(y).resolve()), "images": names}  # fmt: skip
     records = _claim_out(out, settings, names, overwrite)
-    todo = [i for i in range(len(names)) if i not in records]
-    skipped = len(names) - len(todo)
+    sharding.barrier("restore: out claimed")  # every process: after process 0 wrote run.json
+    own = sharding.process_span(len(names)) if multi else range(len(names))
+    todo = [i for i in own if i not in records]
+    skipped = len(own) - len(todo)
     pinv = np.asarray(pipeline.pseudo_inverse(op, y_arr))
     pipeline.solve_batches(config, model.eps, op, y_arr, k_solve, batch=batch, todo=todo,
                            on_batch=_writer(out, names, truth, pinv, records),
-                           progress=progress, desc=f"{algo} {task}")  # fmt: skip
+                           progress=progress, desc=f"{algo} {task}", mesh=mesh)  # fmt: skip
+    if multi:  # the other processes' records, once all are written
+        sharding.barrier("restore: all solved")
+        records = _finished(out, names)
+        if len(records) < len(names):
+            raise RuntimeError(f"out: {len(names) - len(records)} records are missing in {out}")
+    lead = jax.process_index() == 0
     rows = min(int(grid_rows), len(names))
-    grid = _write_grid(out, names, truth, y_arr, pinv, algo, rows, image_shape)
+    grid = out / "grid.png"
+    if lead:
+        grid = _write_grid(out, names, truth, y_arr, pinv, algo, rows, image_shape)
     ordered = [records[i] for i in range(len(names))]
     summary, metrics_path = None, None
     if truth is not None:
         summary = _summary(task, algo, ordered, names, config.num_iterations)
         metrics_path = out / "metrics.json"
-        imageio.atomic_write_json(metrics_path, summary)
+        if lead:
+            imageio.atomic_write_json(metrics_path, summary)
+    sharding.barrier("restore: done")  # no process returns before grid and metrics exist
     failed = [r["name"] for r in ordered if r.get("status", "success") != "success"]
     return RestoreOutputs(out=out, names=names, grid=grid, metrics_path=metrics_path,
                           restored=[out / "restored" / f"{n}.png" for n in names],

@@ -58,7 +58,36 @@ def _fmt(v: float | None, digits: int) -> str:
     return "inf" if v is None else f"{v:.{digits}f}"
 
 
+def devices_arg(text: str) -> int | str:
+    """``--devices``: ``all`` or a positive int."""
+    if text == "all":
+        return text
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected 'all' or a positive int, got {text!r}")
+    return value
+
+
+def _init_distributed(args: argparse.Namespace) -> None:
+    """``jax.distributed.initialize`` with --coordinator/--num-processes/--process-id (JAX's
+    cluster detection fills in what is not given); before any other JAX work."""
+    given = [f for f in ("coordinator", "num_processes", "process_id")
+             if getattr(args, f) is not None]  # fmt: skip
+    if not args.distributed:
+        if given:
+            flag = "--" + given[0].replace("_", "-")
+            raise ValueError(f"{flag}: only with --distributed")
+        return
+    from reddiff_jax import sharding
+
+    sharding.initialize(args.coordinator, args.num_processes, args.process_id)
+
+
 def _run(args: argparse.Namespace) -> int:
+    _init_distributed(args)
     params = parse_params(args.param or [])
     if "num_steps" in params:  # it would override --steps, and the grid note would mislead
         raise ValueError("--param num_steps: set the number of steps with --steps")
@@ -79,6 +108,7 @@ def _run(args: argparse.Namespace) -> int:
         n=args.n,
         y=args.y,
         batch=args.batch,
+        devices=args.devices,
         params=params,
         grid_rows=args.grid_rows,
         overwrite=args.overwrite,
@@ -144,6 +174,25 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
     )
     p.add_argument("--grid-rows", type=int, default=8, help="images shown in grid.png")
     p.add_argument("--overwrite", action="store_true", help="reuse an --out of another run")
+    p.add_argument(
+        "--devices",
+        type=devices_arg,
+        default="all",
+        help="'all' (default) or N local devices; the batch is sharded over them",
+    )
+    p.add_argument(
+        "--distributed",
+        action="store_true",
+        help="one of several processes (jax.distributed.initialize); --out shared",
+    )
+    p.add_argument(
+        "--coordinator",
+        default=None,
+        metavar="HOST:PORT",
+        help="with --distributed: process 0's address (default: cluster detection)",
+    )
+    p.add_argument("--num-processes", type=int, default=None, help="with --distributed")
+    p.add_argument("--process-id", type=int, default=None, help="with --distributed")
     add_solver_arguments(p)
     p.set_defaults(func=_run)
     return p
