@@ -148,8 +148,10 @@ def evaluate(
         if not 1 <= n <= len(names):
             raise ValueError(f"n: expected 1 .. {len(names)} (the number of inputs), got {n}")
         truth = truth[:n]
-    else:
-        _, truth = restore_lib.load_heldout(n, image_shape=image_shape)
+    else:  # the test split (held-out 200..999): sweeps and tuning choose on 0..199
+        from reddiff_jax import splits
+
+        _, truth = splits.load("test", n, image_shape=image_shape)
     use_lpips = bool(lpips) and metrics_lib.lpips_available()
     out = Path(out)
     try:
@@ -164,7 +166,7 @@ def evaluate(
         "key": pipeline.key_data(key),
         "model": model_name,
         "model_training": model_info,
-        "images": "inputs" if inputs else "held-out digits",
+        "images": "inputs" if inputs else "held-out test digits",
         "lpips": use_lpips,
     }
     results: dict[str, Any] = {"settings": settings, "tasks": {}}

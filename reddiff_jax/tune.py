@@ -193,6 +193,7 @@ def tune(
     model: Any = None,
     params: Mapping[str, Any] | None = None,
     remat: bool = True,
+    through_network: bool = True,
     out: str | os.PathLike | None = None,
     progress: bool = True,
 ) -> dict[str, Any]:
@@ -209,6 +210,9 @@ def tune(
       ssim_weight: adds ``ssim_weight * (1 - SSIM)`` to the MSE.
       params: the starting (and fixed) settings, overriding the task defaults.
       remat: ``jax.checkpoint`` on the solver step (memory: one state per step).
+      through_network: RED-Diff: the exact gradient, through the network's evaluations too
+        (``differentiable=True``). False keeps them under ``stop_gradient`` (the gradient then
+        ignores how the network's output moves with μ: cheaper to compile and run, approximate).
       out: a JSON file to write the learned setting into (read by ``load_tuned``).
 
     Returns:
@@ -223,7 +227,7 @@ def tune(
                                      overrides=dict(params or {}))  # fmt: skip
     learn = _check_learn(config, learn)
     if isinstance(config, RedDiffConfig):
-        config = dataclasses.replace(config, differentiable=True)
+        config = dataclasses.replace(config, differentiable=bool(through_network))
     for name, v in (("iters", iters), ("batch", batch)):
         if not isinstance(v, int | np.integer) or isinstance(v, bool) or v < 1:
             raise ValueError(f"{name}: expected a positive int, got {v!r}")
@@ -296,7 +300,8 @@ def tune(
             "model": model_name,
             "key": pipeline.key_data(key),
             "remat": bool(remat),
-        },  # fmt: skip
+            "through_network": bool(through_network),
+        },
     }
     if out is not None:
         save_tuned(out, record)

@@ -49,18 +49,25 @@ def _parse_algo_params(items: Sequence[str]) -> dict[str, dict[str, str]]:
 
 
 def _run(args: argparse.Namespace) -> int:
+    params, steps = _parse_algo_params(args.param or []), _parse_steps_arg(args.steps)
+    for path in args.tuned or []:  # settings learned by `reddiff-jax tune`, for their task
+        from reddiff_jax.tune import load_tuned
+
+        tuned = load_tuned(path)
+        params.setdefault(f"{tuned['algo']}@{tuned['task']}", {}).update(tuned["params"])
+        steps = {tuned["algo"]: tuned["num_steps"]} if steps is None else steps
     results = evaluate(
         jax.random.key(args.seed),
         out=args.out,
         tasks=_split_list(args.tasks),
         algos=_split_list(args.algos),
         n=args.n,
-        steps=_parse_steps_arg(args.steps),
+        steps=steps,
         sigma_y=args.sigma_y,
         model=args.model,
         inputs=args.inputs,
         batch=args.batch,
-        params=_parse_algo_params(args.param or []),
+        params=params,
         lpips=not args.no_lpips,
         progress=not args.no_progress,
     )
@@ -96,6 +103,12 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
         action="append",
         metavar="ALGO[@TASK].KEY=VALUE",
         help="a solver setting, for all tasks or one (reddiff@blur.lam=0.05); repeatable",
+    )
+    p.add_argument(
+        "--tuned",
+        action="append",
+        metavar="FILE",
+        help="settings written by `reddiff-jax tune`, for its algo@task (repeatable)",
     )
     p.add_argument("--no-lpips", action="store_true", help="leave LPIPS out")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bars")
