@@ -35,7 +35,7 @@ import jax
 import numpy as np
 from PIL import Image
 
-from reddiff_jax import imageio, operators, pipeline, sharding
+from reddiff_jax import imageio, operators, pipeline, posterior, sharding
 from reddiff_jax import metrics as metrics_lib
 from reddiff_jax.assets import default_heldout_path, default_model_path
 from reddiff_jax.grid import grid_png, measurement_display
@@ -361,6 +361,19 @@ def _check_options(algo: str, sigma_y: Any, batch: Any, grid_rows: Any) -> None:
             raise ValueError(f"{name}: expected a positive int, got {v!r}")
 
 
+def _check_samples(samples: Any, config: Any, multi: bool) -> None:
+    if samples is None:
+        return
+    if not isinstance(samples, int | np.integer) or isinstance(samples, bool) or samples < 1:
+        raise ValueError(f"samples: expected a positive int, got {samples!r}")
+    if multi:
+        raise ValueError("samples: posterior sampling runs in one process; drop --distributed")
+    if float(getattr(config, "sigma_x0", 1.0)) == 0.0:
+        raise ValueError(
+            "samples: RED-Diff's samples need the x_0 jitter; pass --param sigma_x0=0.1 (> 0)"
+        )
+
+
 def restore(
     key: jax.Array,
     *,
@@ -380,6 +393,7 @@ def restore(
     grid_rows: int = 8,
     overwrite: bool = False,
     progress: bool = True,
+    samples: int | None = None,
 ) -> RestoreOutputs:
     """Restores images and writes the PNGs, a comparison grid and metrics into ``out``.
 
@@ -413,6 +427,9 @@ def restore(
       grid_rows: images shown in grid.png (at most).
       overwrite: reuse an ``out`` written with other settings (stale outputs are removed).
       progress: a tqdm bar over the solver steps of all batches.
+      samples: also draw S posterior samples per image (vmapped; RED-Diff needs
+        ``params={"sigma_x0": ...} > 0``) and write their mean, the samples and a per-pixel
+        std map into ``out/posterior/`` (:func:`reddiff_jax.posterior.write_posterior`).
 
     Returns:
       :class:`RestoreOutputs` (``failed`` lists images whose solve diverged).
@@ -429,6 +446,7 @@ def restore(
         # RED-Diff: batch_mean couples a batch's images (1/B and Adam's eps); image_mean solves
         # each image on its own, so --batch, --devices and resuming change no result
         config = dataclasses.replace(config, reduction="image_mean")
+    _check_samples(samples, config, multi)
     k_op, k_y, k_solve = (jax.random.fold_in(key, i) for i in range(3))
     op = operators.make_from_spec(task, image_shape, key=k_op)
     reason = registry.applicable(algo, op)
@@ -441,7 +459,8 @@ def restore(
                 "config": pipeline.config_record(config),
                 "iterations": int(config.num_iterations), "model": model_name,
                 "key": pipeline.key_data(key),
-                "y": None if y is None else str(Path(y).resolve()), "images": names}  # fmt: skip
+                "y": None if y is None else str(Path(y).resolve()), "images": names,
+                "samples": samples}  # fmt: skip
     records = _claim_out(out, settings, names, overwrite)
     sharding.barrier("restore: out claimed")  # every process: after process 0 wrote run.json
     own = sharding.process_span(len(names)) if multi else range(len(names))
@@ -468,6 +487,10 @@ def restore(
         metrics_path = out / "metrics.json"
         if lead:
             imageio.atomic_write_json(metrics_path, summary)
+    if samples:
+        post = posterior.posterior(config, model.eps, op, y_arr, jax.random.fold_in(k_solve, 2**20),
+                                   samples=samples, chunk=batch * samples)  # fmt: skip
+        posterior.write_posterior(out, names, post)
     sharding.barrier("restore: done")  # no process returns before grid and metrics exist
     failed = [r["name"] for r in ordered if r.get("status", "success") != "success"]
     return RestoreOutputs(out=out, names=names, grid=grid, metrics_path=metrics_path,

@@ -210,3 +210,29 @@ def test_cli_restore(model_dir, tmp_path, capsys):
     assert "unknown operator 'nope'" in capsys.readouterr().err
     assert cli.main(argv + ["--param", "lam"]) == 2
     assert "KEY=VALUE" in capsys.readouterr().err
+
+
+def test_posterior_samples_and_tuned_settings(model_dir, tmp_path, capsys):
+    """``restore --samples S`` writes the posterior mean, samples and std per image; ``--tuned``
+    reads a tune file, and a command-line setting overrides it."""
+    from reddiff_jax.tune import FORMAT
+
+    out = tmp_path / "post"
+    argv = ["restore", "--demo", "--n", "2", "--model", str(model_dir), "--out", str(out)]
+    argv += ["--task", TASK, "--steps", str(STEPS), "--batch", str(BATCH), "--no-progress"]
+    assert cli.main(argv + ["--samples", "2"]) == 2  # RED-Diff needs sigma_x0 > 0
+    assert "sigma_x0" in capsys.readouterr().err
+    assert cli.main(argv + ["--samples", "2", "--param", "sigma_x0=0.1", "--overwrite"]) == 0
+    files = sorted(p.name for p in (out / "posterior").iterdir())
+    assert len(files) >= 2 * 3 and any("std" in f for f in files), files
+
+    tuned = tmp_path / "tuned.json"
+    record = {"format": FORMAT, "algo": "reddiff", "task": TASK, "num_steps": STEPS,
+              "params": {"lam": 0.4, "lr": 0.2}}  # fmt: skip
+    tuned.write_text(json.dumps(record))
+    out2 = tmp_path / "tuned_out"
+    argv2 = [a if a != str(out) else str(out2) for a in argv] + ["--tuned", str(tuned)]
+    assert cli.main(argv2 + ["--lr", "0.3"]) == 0
+    settings = json.loads((out2 / "run.json").read_text())
+    assert settings["config"]["lam"] == 0.4 and settings["config"]["lr"] == 0.3
+    assert cli.main(argv2[:-1] + [str(tmp_path / "missing.json")]) == 2

@@ -95,6 +95,13 @@ def _run(args: argparse.Namespace) -> int:
         value = getattr(args, name)
         if value is not None:
             params[name] = value
+    steps = args.steps
+    if args.tuned:
+        from reddiff_jax.tune import load_tuned
+
+        tuned = load_tuned(args.tuned, algo=args.algo, task=args.task)
+        params = {**tuned["params"], **params}
+        steps = tuned["num_steps"] if steps is None else steps
     result = restore(
         jax.random.key(args.seed),
         inputs=args.inputs,
@@ -102,7 +109,7 @@ def _run(args: argparse.Namespace) -> int:
         task=args.task,
         algo=args.algo,
         sigma_y=args.sigma_y,
-        steps=args.steps,
+        steps=steps,
         model=args.model,
         demo=args.demo,
         n=args.n,
@@ -113,10 +120,11 @@ def _run(args: argparse.Namespace) -> int:
         grid_rows=args.grid_rows,
         overwrite=args.overwrite,
         progress=not args.no_progress,
+        samples=args.samples,
     )
-    if args.steps is not None and result.iterations != args.steps:
-        print(f"note: the official grid range(0, 1000, 1000 // {args.steps}) takes "
-              f"{result.iterations} steps, not {args.steps}")  # fmt: skip
+    if steps is not None and result.iterations != steps:
+        print(f"note: the official grid range(0, 1000, 1000 // {steps}) takes "
+              f"{result.iterations} steps, not {steps}")  # fmt: skip
     print(
         f"restored {result.solved} image(s), kept {result.skipped} finished; "
         f"outputs in {result.out}"
@@ -174,6 +182,10 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
     )
     p.add_argument("--grid-rows", type=int, default=8, help="images shown in grid.png")
     p.add_argument("--overwrite", action="store_true", help="reuse an --out of another run")
+    p.add_argument("--tuned", metavar="FILE", help="settings learned by reddiff-jax tune")
+    p.add_argument(
+        "--samples", type=int, default=None, metavar="S", help="also write S posterior samples"
+    )
     p.add_argument(
         "--devices",
         type=devices_arg,
