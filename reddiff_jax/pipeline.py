@@ -134,7 +134,8 @@ def solve_batches(
       on_batch: called with each :class:`BatchResult` as soon as it is solved (write it there,
         so an interruption keeps what is finished). When a later dispatch is interrupted, the
         batch in flight is finished and reported first.
-      progress: a tqdm bar over the solver steps (advanced per batch; process 0 only).
+      progress: a tqdm bar over the solver steps of all batches (process 0 only): advanced per
+        chunk of steps on one device, per batch when sharded.
 
     Returns:
       The :class:`BatchResult` of every solved batch, in order (this process's images only).
@@ -159,16 +160,20 @@ def solve_batches(
     spans = _rounds(todo_list, local, rounds, fill)
     steps = config.num_iterations
     show = progress and jax.process_index() == 0
+    # One device: the bar advances per chunk of steps inside each solve (rate and time left even
+    # for a single batch); sharded: per batch, so dispatching the next batch never waits.
+    chunked = show and mesh is None
     results: list[BatchResult] = []
 
-    def dispatch(idx: np.ndarray):
+    def dispatch(idx: np.ndarray, bar):
         yb, kb = np.asarray(y[idx]), image_keys(key, idx)
         if procs > 1:
             yb, kb = sharding.global_batch(yb, mesh), sharding.global_batch(kb, mesh)
         else:
             yb, kb = jnp.asarray(yb), jnp.asarray(kb)
         start = time.perf_counter()
-        sol = solvers.solve(config, eps_fn, op, yb, kb, mesh=mesh, progress=False, throw=False)
+        sol = solvers.solve(config, eps_fn, op, yb, kb, mesh=mesh,
+                            progress=bar if chunked else False, throw=False)  # fmt: skip
         return sol, start
 
     def finish(span, sol, start, bar) -> None:
@@ -178,7 +183,8 @@ def solve_batches(
         seconds = time.perf_counter() - start
         res = BatchResult(idx[:real], x, rows(sol.status)[:real], rows(sol.failed_step)[:real],
                           seconds)  # fmt: skip
-        bar.update(steps)
+        if not chunked:
+            bar.update(steps)
         if real:
             results.append(res)
             if on_batch is not None:
@@ -188,7 +194,7 @@ def solve_batches(
         pending = None
         for span in spans:
             try:
-                sol, start = dispatch(span[0])
+                sol, start = dispatch(span[0], bar)
             except BaseException:
                 if pending is not None:  # finish what the devices already have
                     finish(*pending, bar)
