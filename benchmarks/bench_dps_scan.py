@@ -39,7 +39,7 @@ from reddiff_jax.solvers import _scan_convs
 from reddiff_jax.unet import UNet, UNetConfig, get_preset
 
 ROOT = Path(__file__).resolve().parents[1]
-FIXTURE_DIRS = [ROOT / "tests/fixtures/guided_diffusion", ROOT / "shared/fixtures/guided_diffusion"]
+FIXTURE_DIRS = [ROOT / "tests/fixtures/guided_diffusion"]
 
 
 def _model() -> tuple[ScoreModel, str]:

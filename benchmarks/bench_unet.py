@@ -24,8 +24,8 @@ Prints, in one run and per batch size (``--batch 1,8,32``):
   flag set of ``FLAG_SETS`` below (flags only take effect before JAX starts
   its backend, hence the child processes), interleaved over ``--rounds`` rounds.
 
-The model is the random-weight fixture UNet ``tiny_imagenet_like`` (tests/fixtures or
-../shared/fixtures), or the ``tiny`` preset with random weights when the fixture is absent
+The model is the random-weight fixture UNet ``tiny_imagenet_like`` (tests/fixtures), or the
+``tiny`` preset with random weights when the fixture is absent
 (``--model tiny`` forces it). Usage::
 
     python benchmarks/bench_unet.py [--batch 1,8,32] [--compare-old] [--no-torch]
@@ -59,10 +59,7 @@ from reddiff_jax.model import ScoreModel
 from reddiff_jax.unet import UNet, UNetConfig, get_preset
 
 _ROOT = Path(__file__).resolve().parents[1]
-FIXTURE_DIRS = (
-    _ROOT / "tests" / "fixtures" / "guided_diffusion",
-    _ROOT.parent / "shared" / "fixtures" / "guided_diffusion",
-)
+FIXTURE_DIRS = (_ROOT / "tests" / "fixtures" / "guided_diffusion",)
 _FIXTURE = "tiny_imagenet_like"
 
 
