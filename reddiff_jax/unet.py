@@ -2,8 +2,17 @@
 
 `UNet(config)` maps a noisy image x [N, H, W, in_channels], integer (or float) timesteps
 t [N] and, for class-conditional models, labels y [N] to the raw network output
-[N, H, W, out_channels] in float32: the noise prediction in the first `in_channels`
-channels, followed by the learned-variance channels when `learn_sigma` is set.
+[N, H, W, out_channels]: the noise prediction in the first `in_channels` channels, followed
+by the learned-variance channels when `learn_sigma` is set.
+
+Dtypes. Convolutions and dense layers compute in `config.dtype` (float32 by default;
+bfloat16, float16, or float64 when `jax_enable_x64` is on). The sensitive parts (timestep
+sinusoid, GroupNorm statistics, attention softmax) and the output use the accumulation dtype
+`accumulation_dtype(config.dtype)` = `promote_types(dtype, float32)`: float32 for
+float32 / bfloat16 / float16 compute, exactly as guided-diffusion, and float64 for float64
+compute, so a float64 model is float64 all through (for finite-difference checks).
+Parameters are stored in float32 and cast to the compute dtype at use; float64 parameters
+may be passed as well.
 
 The parameter tree mirrors the PyTorch state dict of guided-diffusion's `UNetModel`: a
 torch key `input_blocks.1.0.in_layers.0.weight` lives at
@@ -31,7 +40,7 @@ _DEFAULT_CHANNEL_MULT: dict[int, tuple[float, ...]] = {
 }
 _NUM_GROUPS = 32  # GroupNorm32
 _GN_EPS = 1e-5
-_COMPUTE_DTYPES = ("float32", "bfloat16", "float16")
+_COMPUTE_DTYPES = ("float32", "bfloat16", "float16", "float64")  # float64 needs x64 on
 # create_model keywords that change nothing in the forward pass, accepted and ignored.
 _IGNORED_KWARGS = frozenset({"model_path"})
 
@@ -56,7 +65,9 @@ class UNetConfig:
     `attention_resolutions` holds pixel resolutions (e.g. (32, 16, 8)); `out_channels=None`
     means `2 * in_channels` with `learn_sigma` and `in_channels` otherwise; `num_classes=None`
     means 1000 when `class_cond` (as guided-diffusion hard-codes). `use_fp16` is recorded
-    but computation follows `dtype` (the compute dtype: float32 unless asked otherwise).
+    but computation follows `dtype` (the compute dtype: "float32" unless asked otherwise;
+    "bfloat16" and "float16" keep float32 statistics and output, "float64" is float64 all
+    through and needs `jax_enable_x64`, checked when the model is applied).
     `use_checkpoint` rematerialises each ResBlock and attention block in the backward pass
     (`nn.remat`): the same numbers, less activation memory for DPS and for training.
     """
@@ -231,11 +242,22 @@ def get_preset(name: str) -> UNetConfig:
     return PRESETS[name]
 
 
-def timestep_embedding(t: jax.Array, dim: int, max_period: float = 10000.0) -> jax.Array:
-    """Sinusoidal features [N, dim] of timesteps t [N]: [cos, sin] order, as guided-diffusion."""
+def accumulation_dtype(dtype: Any) -> jnp.dtype:
+    """The dtype of a UNet's statistics, softmax, sinusoid and output for compute `dtype`:
+    float32 for float32 / bfloat16 / float16, float64 for float64."""
+    return jnp.promote_types(dtype, jnp.float32)
+
+
+def timestep_embedding(
+    t: jax.Array, dim: int, max_period: float = 10000.0, *, dtype: Any = jnp.float32
+) -> jax.Array:
+    """Sinusoidal features [N, dim] of timesteps t [N]: [cos, sin] order, as guided-diffusion.
+
+    Computed and returned in `dtype` (float32 as upstream; float64 for a float64 model).
+    """
     half = dim // 2
-    freqs = jnp.exp(-math.log(max_period) * jnp.arange(half, dtype=jnp.float32) / half)
-    args = jnp.asarray(t).astype(jnp.float32)[:, None] * freqs[None, :]
+    freqs = jnp.exp(-math.log(max_period) * jnp.arange(half, dtype=dtype) / half)
+    args = jnp.asarray(t).astype(dtype)[:, None] * freqs[None, :]
     emb = jnp.concatenate([jnp.cos(args), jnp.sin(args)], axis=-1)
     if dim % 2:
         emb = jnp.concatenate([emb, jnp.zeros_like(emb[:, :1])], axis=-1)
@@ -259,7 +281,8 @@ def group_norm(
     after the normalisation (ADM's use_scale_shift_norm), silu applies `y * sigmoid(y)` last.
     Returns [N, H, W, C] in x.dtype.
 
-    Statistics are computed in float32 as guided-diffusion does: group g holds channels
+    Statistics are computed in `accumulation_dtype(x.dtype)`: float32 for float32 / bfloat16
+    / float16 inputs as guided-diffusion does, float64 for float64 inputs. Group g holds channels
     g*C/G .. (g+1)*C/G-1, the mean and the biased variance are taken over (H, W, channels of
     the group), two passes (the variance of the centred values, not E[x^2] - E[x]^2). Each
     pass first reduces over H*W per channel (a reduction XLA runs at memory speed on the
@@ -269,7 +292,8 @@ def group_norm(
     """
     n, c = x.shape[0], x.shape[-1]
     per_group = c // num_groups
-    xf = x.astype(jnp.float32).reshape(n, -1, c)  # [N, HW, C]
+    acc = accumulation_dtype(x.dtype)
+    xf = x.astype(acc).reshape(n, -1, c)  # [N, HW, C]
 
     def group_mean(per_channel: jax.Array) -> jax.Array:  # [N, C] -> [N, C], constant per group
         g = jnp.mean(per_channel.reshape(n, num_groups, per_group), axis=-1)
@@ -277,10 +301,10 @@ def group_norm(
 
     mean = group_mean(jnp.mean(xf, axis=1))
     var = group_mean(jnp.mean(jnp.square(xf - mean[:, None, :]), axis=1))
-    a = scale.astype(jnp.float32) * jax.lax.rsqrt(var + eps)  # [N, C]
-    b = bias.astype(jnp.float32) - mean * a
+    a = scale.astype(acc) * jax.lax.rsqrt(var + eps)  # [N, C]
+    b = bias.astype(acc) - mean * a
     if modulation is not None:
-        m_scale, m_shift = (m.astype(jnp.float32).reshape(n, c) for m in modulation)
+        m_scale, m_shift = (m.astype(acc).reshape(n, c) for m in modulation)
         a, b = a * (1 + m_scale), b * (1 + m_scale) + m_shift
     y = xf * a[:, None, :] + b[:, None, :]
     if silu:
@@ -318,7 +342,8 @@ def qkv_attention(qkv: jax.Array, heads: int, use_new_attention_order: bool) -> 
 
     Channel order of qkv: legacy `head*3ch + {q,k,v}*ch + i` or new `{q,k,v}*C + head*ch + i`;
     the output channel is `head*ch + i` either way. Logits are scaled by 1/sqrt(ch) and the
-    softmax over keys runs in float32. q, k and v are first laid out heads-major
+    softmax over keys runs in `accumulation_dtype(qkv.dtype)` (float32, or float64 for float64
+    qkv); the output is in qkv.dtype. q, k and v are first laid out heads-major
     [N, heads, T, ch] so that both products are plain batched matmuls (batch dims leading,
     contraction on the minor dim), which XLA lowers to its fast GEMM on every backend.
     """
@@ -331,7 +356,8 @@ def qkv_attention(qkv: jax.Array, heads: int, use_new_attention_order: bool) -> 
     q, k, v = qkv[0], qkv[1], qkv[2]  # [N, heads, T, ch]
     scale = 1.0 / math.sqrt(math.sqrt(ch))  # on both q and k, as upstream
     logits = jnp.einsum("nhtc,nhsc->nhts", q * scale, k * scale)
-    weights = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(v.dtype)
+    weights = jax.nn.softmax(logits.astype(accumulation_dtype(qkv.dtype)), axis=-1)
+    weights = weights.astype(v.dtype)
     a = jnp.einsum("nhts,nhsc->nhtc", weights, v)
     return a.transpose(0, 2, 1, 3).reshape(n, t, heads * ch)
 
@@ -428,7 +454,12 @@ class Upsample(nn.Module):
 
 
 class UNet(nn.Module):
-    """guided-diffusion `UNetModel`: x [N, H, W, Cin], t [N], y [N] -> [N, H, W, Cout] float32."""
+    """guided-diffusion `UNetModel`: x [N, H, W, Cin], t [N], y [N] -> [N, H, W, Cout].
+
+    The output is float32 for float32 / bfloat16 / float16 compute and float64 for
+    `dtype="float64"` (`accumulation_dtype(config.dtype)`); a float64 model raises a
+    ValueError unless `jax_enable_x64` is on (`jax.enable_x64(True)` or the config flag).
+    """
 
     config: UNetConfig
 
@@ -445,7 +476,15 @@ class UNet(nn.Module):
         train: bool = False,
     ) -> jax.Array:
         cfg = self.config
+        if cfg.dtype == "float64" and not jax.config.jax_enable_x64:
+            raise ValueError(
+                'dtype: this UNet computes in "float64", but 64-bit types are disabled '
+                "(jax_enable_x64 is off), so JAX would silently run it in float32; apply it "
+                "under `with jax.enable_x64(True):` or after "
+                '`jax.config.update("jax_enable_x64", True)`, or use dtype="float32"'
+            )
         dtype = jnp.dtype(cfg.dtype)
+        acc = accumulation_dtype(dtype)
         if x.ndim != 4 or x.shape[-1] != cfg.in_channels:
             raise ValueError(
                 f"x: expected [N, H, W, {cfg.in_channels}] (NHWC), got shape {tuple(x.shape)}"
@@ -456,7 +495,7 @@ class UNet(nn.Module):
             raise ValueError("y: this model is unconditional; pass y=None")
         t = jnp.broadcast_to(jnp.asarray(t), (x.shape[0],))
         mc = cfg.num_channels
-        emb = timestep_embedding(t, mc)
+        emb = timestep_embedding(t, mc, dtype=acc)
         emb = nn.Dense(cfg.emb_dim, name="time_embed_0")(emb)
         emb = nn.Dense(cfg.emb_dim, name="time_embed_2")(nn.silu(emb))
         if cfg.class_cond:
@@ -523,4 +562,4 @@ class UNet(nn.Module):
 
         h = _group_norm("out_0")(h, silu=True)
         h = _conv(cfg.out_channels, dtype, "out_2")(h)
-        return h.astype(jnp.float32)
+        return h.astype(acc)
