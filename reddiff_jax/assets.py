@@ -1,4 +1,5 @@
-"""The embedded priors that ship inside the package (no download, works offline).
+"""The embedded priors and the digit classifier that ship inside the package (no download, works
+offline).
 
 The repository keeps them in the top-level ``checkpoints/`` folder; ``pyproject.toml`` maps that
 folder to the package ``reddiff_jax.checkpoints``, so an editable install and an installed wheel
@@ -10,10 +11,20 @@ from __future__ import annotations
 import importlib.resources
 from pathlib import Path
 
-__all__ = ["EMBEDDED", "default_heldout_path", "default_model_path", "embedded_model_path"]
+__all__ = [
+    "CLASSIFIER",
+    "EMBEDDED",
+    "default_heldout_path",
+    "default_model_path",
+    "embedded_classifier_path",
+    "embedded_model_path",
+]
 
 EMBEDDED: tuple[str, ...] = ("mnist32",)
 """Names of the embedded priors, accepted by `reddiff_jax.load_pretrained`."""
+
+CLASSIFIER = "mnist32_classifier"
+"""Folder of the embedded digit classifier (`reddiff_jax.classifier.load_embedded_classifier`)."""
 
 DEFAULT = "mnist32"
 _PACKAGE = "reddiff_jax.checkpoints"
@@ -72,5 +83,21 @@ def default_heldout_path() -> Path:
     if not path.is_file():
         raise FileNotFoundError(
             f"the held-out digits of the embedded prior are missing ({path}); reinstall reddiff-jax"
+        )
+    return path
+
+
+def embedded_classifier_path() -> Path:
+    """The checkpoint directory of the embedded digit classifier (`CLASSIFIER`).
+
+    Raises:
+      FileNotFoundError: the package was installed without the classifier's files.
+    """
+    path = _checkpoints_root() / CLASSIFIER
+    if not (path / "reddiff_classifier.json").is_file() or not (path / "params").is_dir():
+        raise FileNotFoundError(
+            f"the embedded digit classifier is incomplete at {path} (expected "
+            "reddiff_classifier.json and params/); reinstall reddiff-jax, or in a source "
+            "checkout run `python scripts/train_classifier.py`"
         )
     return path

