@@ -42,6 +42,7 @@ import orbax.checkpoint as ocp
 from reddiff_jax import assets
 from reddiff_jax.data import to_float
 from reddiff_jax.model import _leaf_paths, _quiet_closed_loop, _unquiet
+from reddiff_jax.model import _read_record as _read_json_record
 
 __all__ = [
     "Classifier",
@@ -438,25 +439,7 @@ def save_classifier(
 
 
 def _read_record(path: Path) -> dict[str, Any]:
-    meta = path / _META_FILE
-    if not path.is_dir():
-        raise FileNotFoundError(f"path: no classifier checkpoint directory at {path}")
-    if not meta.is_file():
-        raise ValueError(f"path: {path} is not a classifier checkpoint (no {_META_FILE})")
-    try:
-        record = json.loads(meta.read_text())
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise ValueError(
-            f"path: corrupt classifier checkpoint, {meta} is not JSON: {err}"
-        ) from None
-    if not isinstance(record, dict) or record.get("format") != FORMAT:
-        raise ValueError(f"path: {meta} is not a {FORMAT} record")
-    if record.get("format_version") != FORMAT_VERSION:
-        raise ValueError(
-            f"path: classifier format version {record.get('format_version')!r} is not "
-            f"supported (this reddiff-jax reads version {FORMAT_VERSION})"
-        )
-    return record
+    return _read_json_record(path, _META_FILE, FORMAT, FORMAT_VERSION, "classifier ")
 
 
 def load_classifier(path: str | os.PathLike) -> Classifier:

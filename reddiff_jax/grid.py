@@ -40,19 +40,29 @@ def measurement_display(y: np.ndarray, image_shape: tuple[int, int, int]) -> np.
 
 
 def grid_png(
-    columns: Sequence[tuple[str, np.ndarray]], *, rows: int, image_shape: tuple[int, int, int]
+    columns: Sequence[tuple[str, np.ndarray]],
+    *,
+    rows: int,
+    image_shape: tuple[int, int, int],
+    row_titles: Sequence[str] | None = None,
 ) -> bytes:
-    """A labelled grid: one column per (title, uint8 [N, H, W, C]), ``rows`` rows."""
+    """A labelled grid: one column per (title, uint8 [N, H, W, C]), ``rows`` rows, and
+    optionally a title left of each row."""
     h, w, _ = image_shape
     scale = max(1, 96 // max(h, w))
     pad, header = 4, 14
     th, tw = h * scale, w * scale
-    width = len(columns) * (tw + pad) + pad
+    if row_titles is not None and len(row_titles) != rows:
+        raise ValueError(f"row_titles: expected {rows} titles, got {len(row_titles)}")
+    left = pad + 6 * max(map(len, row_titles)) if row_titles else 0  # ~6 px per default glyph
+    width = left + len(columns) * (tw + pad) + pad
     height = header + rows * (th + pad) + pad
     canvas = Image.new("RGB", (width, height), (255, 255, 255))
     draw = ImageDraw.Draw(canvas)
+    for i, title in enumerate(row_titles or ()):
+        draw.text((pad, header + pad + i * (th + pad) + th // 2 - 5), title, fill=(0, 0, 0))
     for j, (title, tiles) in enumerate(columns):
-        x0 = pad + j * (tw + pad)
+        x0 = left + pad + j * (tw + pad)
         draw.text((x0, 1), title, fill=(0, 0, 0))
         for i in range(rows):
             tile = tiles[i]

@@ -37,6 +37,7 @@ __all__ = [
     "load_pretrained",
     "param_shapes",
     "read_metadata",
+    "resolve_model",
     "save_pretrained",
 ]
 
@@ -98,8 +99,9 @@ class ScoreModel:
           y: [N] int labels for class-conditional models, else None.
 
         Returns:
-          [N, H, W, out_channels] float32: eps in the first `in_channels` channels, then the
-          variance interpolation values when `config.learn_sigma`.
+          [N, H, W, out_channels], float32 (float64 for a ``dtype="float64"`` config): eps in
+          the first `in_channels` channels, then the variance interpolation values when
+          `config.learn_sigma`.
         """
         self._check_input(x)
         return _unet(self.config).apply({"params": self.params}, x, t, y)
@@ -117,7 +119,7 @@ class ScoreModel:
             )
 
     def eps(self, x: jax.Array, t: jax.Array, y: jax.Array | None = None) -> jax.Array:
-        """Noise prediction [N, H, W, in_channels] float32 (the first channels of `apply`)."""
+        """Noise prediction [N, H, W, in_channels] (the first channels of `apply`, its dtype)."""
         return self.apply(x, t, y)[..., : self.config.in_channels]
 
 
@@ -191,6 +193,33 @@ def save_pretrained(
     return path
 
 
+def _read_record(path: Path, file_name: str, fmt: str, version: int, kind: str) -> dict[str, Any]:
+    """The JSON record ``path / file_name`` of a checkpoint directory of format ``fmt``.
+
+    ``kind`` names the checkpoint in the messages ("" for a score model, "classifier ").
+    """
+    if not path.is_dir():
+        raise FileNotFoundError(f"path: no {kind}checkpoint directory at {path}")
+    record_file = path / file_name
+    if not record_file.is_file():
+        what = kind or "reddiff-jax "
+        raise ValueError(f"path: {path} is not a {what}checkpoint (no {file_name})")
+    try:
+        record = json.loads(record_file.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ValueError(
+            f"path: corrupt {kind}checkpoint, {record_file} is not valid JSON: {err}"
+        ) from None
+    if not isinstance(record, dict) or record.get("format") != fmt:
+        raise ValueError(f"path: {record_file} is not a {fmt} record")
+    if record.get("format_version") != version:
+        raise ValueError(
+            f"path: {kind}checkpoint format version {record.get('format_version')!r} is not "
+            f"supported (this reddiff-jax reads version {version})"
+        )
+    return record
+
+
 def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
     """Reads a checkpoint's record: {"format", "format_version", "config", "metadata"}.
 
@@ -198,26 +227,7 @@ def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
       FileNotFoundError: no checkpoint directory at `path`.
       ValueError: the directory is not a readable reddiff-jax checkpoint.
     """
-    path = Path(path)
-    if not path.is_dir():
-        raise FileNotFoundError(f"path: no checkpoint directory at {path}")
-    config_file = path / _CONFIG_FILE
-    if not config_file.is_file():
-        raise ValueError(f"path: {path} is not a reddiff-jax checkpoint (no {_CONFIG_FILE})")
-    try:
-        record = json.loads(config_file.read_text())
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise ValueError(
-            f"path: corrupt checkpoint, {config_file} is not valid JSON: {err}"
-        ) from err
-    if not isinstance(record, dict) or record.get("format") != FORMAT:
-        raise ValueError(f"path: {config_file} is not a {FORMAT} record")
-    if record.get("format_version") != FORMAT_VERSION:
-        raise ValueError(
-            f"path: checkpoint format version {record.get('format_version')!r} is not supported "
-            f"(this reddiff-jax reads version {FORMAT_VERSION})"
-        )
-    return record
+    return _read_record(Path(path), _CONFIG_FILE, FORMAT, FORMAT_VERSION, "")
 
 
 def _leaf_paths(tree: Any) -> dict[str, tuple[int, ...]]:
@@ -353,3 +363,18 @@ def load_pretrained(path_or_name: str | os.PathLike) -> ScoreModel:
     _unquiet(quiet)
     params = jax.tree.map(lambda a: jnp.asarray(a, dtype=jnp.float32), params)
     return ScoreModel(config=config, params=params)
+
+
+def resolve_model(model: ScoreModel | str | os.PathLike | None) -> tuple[ScoreModel, str]:
+    """``(model, name)`` for a ``ScoreModel``, a checkpoint path or embedded name, or None (the
+    default embedded prior); ``name`` is the resolved path (``"<in-memory model>"`` for a
+    ``ScoreModel``), as the jobs record it."""
+    from reddiff_jax.assets import default_model_path
+
+    if model is None or isinstance(model, str | os.PathLike):
+        path = model if model is not None else default_model_path()
+        loaded = load_pretrained(path)
+        return loaded, str(Path(path).resolve()) if Path(path).exists() else str(path)
+    if not isinstance(model, ScoreModel):
+        raise TypeError(f"model: expected a ScoreModel, a path or None, got {type(model)}")
+    return model, "<in-memory model>"

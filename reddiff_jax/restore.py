@@ -37,9 +37,10 @@ from PIL import Image
 
 from reddiff_jax import imageio, operators, pipeline, posterior, sharding
 from reddiff_jax import metrics as metrics_lib
-from reddiff_jax.assets import default_heldout_path, default_model_path
+from reddiff_jax.assets import default_heldout_path
 from reddiff_jax.grid import grid_png, measurement_display
-from reddiff_jax.solvers import SolveStatus, registry
+from reddiff_jax.model import resolve_model
+from reddiff_jax.solvers import SolverConfig, SolveStatus, registry
 from reddiff_jax.solvers.common import measurement_shape
 
 __all__ = [
@@ -49,6 +50,7 @@ __all__ = [
     "load_heldout",
     "load_images",
     "load_measurements",
+    "per_image",
     "restore",
 ]
 
@@ -67,6 +69,15 @@ def algo_config(
     ``steps`` defaulting to :data:`DEFAULT_STEPS`."""
     steps = DEFAULT_STEPS if steps is None else int(steps)
     return registry.config_for(algo, task, steps=steps, sigma_y=sigma_y, overrides=overrides)
+
+
+def per_image(config: SolverConfig, *, params: dict[str, Any] | None = None) -> SolverConfig:
+    """``config`` solving each image on its own: RED-Diff's official ``batch_mean`` couples a
+    batch's images (1/B and Adam's eps), so it becomes ``image_mean`` unless ``params`` sets a
+    ``reduction``; then batch size, devices and resuming change no result. Other configs as is."""
+    if getattr(config, "reduction", None) == "batch_mean" and "reduction" not in (params or {}):
+        return dataclasses.replace(config, reduction="image_mean")
+    return config
 
 
 # ------------------------------------------------------------------------------------------------
@@ -205,19 +216,6 @@ class RestoreOutputs:
     skipped: int
     failed: list[str] = dataclasses.field(default_factory=list)
     iterations: int = 0
-
-
-def _load_model(model: Any) -> tuple[Any, str]:
-    from reddiff_jax.model import ScoreModel, load_pretrained
-
-    if model is None or isinstance(model, str | os.PathLike):
-        path = model if model is not None else default_model_path()
-        loaded = load_pretrained(path)
-        name = str(Path(path).resolve()) if Path(path).exists() else str(path)
-        return loaded, name
-    if not isinstance(model, ScoreModel):
-        raise TypeError(f"model: expected a ScoreModel, a path or None, got {type(model)}")
-    return model, "<in-memory model>"
 
 
 def _gather(inputs, *, demo, n, y, op, image_shape, key, sigma_y):
@@ -438,14 +436,11 @@ def restore(
     mesh = sharding.data_mesh(devices)
     mesh = mesh if mesh.size > 1 else None
     multi = jax.process_count() > 1
-    model, model_name = _load_model(model)
+    model, model_name = resolve_model(model)
     cfg = model.config
     image_shape = (cfg.image_size, cfg.image_size, cfg.in_channels)
     config = algo_config(algo, task, steps=steps, sigma_y=sigma_y, overrides=params)
-    if getattr(config, "reduction", None) == "batch_mean" and "reduction" not in (params or {}):
-        # RED-Diff: batch_mean couples a batch's images (1/B and Adam's eps); image_mean solves
-        # each image on its own, so --batch, --devices and resuming change no result
-        config = dataclasses.replace(config, reduction="image_mean")
+    config = per_image(config, params=params)
     _check_samples(samples, config, multi)
     k_op, k_y, k_solve = (jax.random.fold_in(key, i) for i in range(3))
     op = operators.make_from_spec(task, image_shape, key=k_op)

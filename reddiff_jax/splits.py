@@ -17,7 +17,7 @@ import os
 
 import numpy as np
 
-__all__ = ["SPLITS", "indices", "load"]
+__all__ = ["SPLITS", "indices", "labels", "load"]
 
 SPLITS: dict[str, range] = {"validation": range(0, 200), "test": range(200, 1000)}
 
@@ -47,3 +47,20 @@ def load(
     idx = indices(split, n)
     names, images = load_heldout(int(idx[-1]) + 1, image_shape=image_shape, path=path)
     return [names[i] for i in idx], images[idx]
+
+
+def labels(
+    split: str, n: int | None = None, *, path: str | os.PathLike | None = None
+) -> np.ndarray:
+    """The digit classes (int32 [n]) of the first ``n`` digits of ``split``, in ``load`` order."""
+    from reddiff_jax.assets import default_heldout_path
+
+    idx = indices(split, n)
+    path = default_heldout_path() if path is None else path
+    with np.load(path, allow_pickle=False) as data:
+        if "labels" not in data:
+            raise ValueError(f"labels: {path} holds no 'labels' array (found {list(data)})")
+        values = np.asarray(data["labels"])
+    if values.ndim != 1 or len(values) <= int(idx[-1]):
+        raise ValueError(f"labels: {path} holds {values.shape} labels, need {int(idx[-1]) + 1}")
+    return values[idx].astype(np.int32)

@@ -45,6 +45,7 @@ import numpy as np
 from reddiff_jax import imageio, operators, pipeline, splits
 from reddiff_jax import metrics as metrics_lib
 from reddiff_jax import restore as restore_lib
+from reddiff_jax.model import resolve_model
 from reddiff_jax.solvers import registry, solve_many
 
 __all__ = [
@@ -236,19 +237,6 @@ def _cell_name(params: Mapping[str, float]) -> str:
 # the sweep
 
 
-def _load_model(model: Any) -> tuple[Any, str]:
-    from reddiff_jax.assets import default_model_path
-    from reddiff_jax.model import ScoreModel, load_pretrained
-
-    if model is None or isinstance(model, str | os.PathLike):
-        path = model if model is not None else default_model_path()
-        name = str(Path(path).resolve()) if Path(path).exists() else str(path)
-        return load_pretrained(path), name
-    if not isinstance(model, ScoreModel):
-        raise TypeError(f"model: expected a ScoreModel, a path or None, got {type(model)}")
-    return model, "<in-memory model>"
-
-
 def _claim(out: Path, settings: dict, overwrite: bool) -> None:
     run_file = out / "run.json"
     previous = pipeline.read_record(run_file) if run_file.is_file() else None
@@ -313,7 +301,7 @@ def sweep(
     registry.get(algo)
     if metric not in METRICS:
         raise ValueError(f"metric: expected one of {tuple(METRICS)}, got {metric!r}")
-    model, model_name = _load_model(model)
+    model, model_name = resolve_model(model)
     cfg = model.config
     image_shape = (cfg.image_size, cfg.image_size, cfg.in_channels)
     config = restore_lib.algo_config(algo, task, steps=steps, sigma_y=sigma_y,

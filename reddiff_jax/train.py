@@ -50,6 +50,7 @@ __all__ = [
     "init_state",
     "make_optimizer",
     "make_train_step",
+    "sample",
     "sample_grid",
     "train",
 ]
@@ -571,7 +572,7 @@ def _clipped_eps(model: Any, alphas_cumprod: jax.Array, x_t: jax.Array, t: jax.A
     return diffusion.eps_from_x0(x_t, x0, a)
 
 
-def sample_grid(
+def sample(
     key: jax.Array,
     model: Any,
     *,
@@ -581,13 +582,11 @@ def sample_grid(
     num_timesteps: int = 1000,
     clip_denoised: bool = True,
 ) -> np.ndarray:
-    """Unconditional DDIM (eta = 0) samples of a `ScoreModel`, tiled into one uint8 grid image.
+    """Unconditional DDIM (eta = 0) samples of a `ScoreModel`: float32 [num, H, W, C] in [-1, 1].
 
     With `clip_denoised` each step's x̂0 is clipped to [-1, 1] and eps recomputed from it (as
-    guided-diffusion samples by default).
-
-    Returns:
-      uint8 [rows * H, cols * W, C] with cols = ceil(sqrt(num)).
+    guided-diffusion samples by default). The last DDIM step goes to alpha = 1, so the final
+    iterate is that step's x̂0.
     """
     from reddiff_jax import solvers
 
@@ -598,9 +597,13 @@ def sample_grid(
     )
     ac = diffusion.alphas_cumprod(schedule, num_timesteps)
     eps_fn = functools.partial(_clipped_eps, model, ac) if clip_denoised else model.eps
-    # The last DDIM step goes to alpha = 1, so the final iterate is that step's x̂0.
-    x = np.asarray(solvers.sample(config, eps_fn, shape, key, throw=False).x)
-    return _tile(x)
+    return np.asarray(solvers.sample(config, eps_fn, shape, key, throw=False).x)
+
+
+def sample_grid(key: jax.Array, model: Any, **kwargs: Any) -> np.ndarray:
+    """:func:`sample` (same keyword arguments) tiled into one uint8 grid image
+    [rows * H, cols * W, C] with cols = ceil(sqrt(num))."""
+    return _tile(sample(key, model, **kwargs))
 
 
 def _tile(x: np.ndarray) -> np.ndarray:

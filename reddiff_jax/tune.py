@@ -40,6 +40,7 @@ import optax
 
 from reddiff_jax import imageio, operators, pipeline, splits
 from reddiff_jax import restore as restore_lib
+from reddiff_jax.model import resolve_model
 from reddiff_jax.solvers import RedDiffConfig, registry, solve_many
 
 __all__ = [
@@ -220,7 +221,7 @@ def tune(
       "history": [{"iter", "loss"}...], "seconds", "settings"}``.
     """
     registry.get(algo)
-    model, model_name = _load_model(model)
+    model, model_name = resolve_model(model)
     cfg = model.config
     image_shape = (cfg.image_size, cfg.image_size, cfg.in_channels)
     config = restore_lib.algo_config(algo, task, steps=steps, sigma_y=sigma_y,
@@ -311,9 +312,3 @@ def tune(
 def _finite_or_none(v: Any) -> float | None:
     v = float(v)
     return v if np.isfinite(v) else None
-
-
-def _load_model(model: Any) -> tuple[Any, str]:
-    from reddiff_jax.sweep import _load_model as load
-
-    return load(model)

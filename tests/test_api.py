@@ -27,6 +27,9 @@ MODULES = (
         "reddiff_jax.evaluate",
         "reddiff_jax.grid",
         "reddiff_jax.assets",
+        "reddiff_jax.protocol",
+        "reddiff_jax.classifier",
+        "reddiff_jax.sample_quality",
     ]
 )
 FORBIDDEN = ("rng", "seed", "prng", "rng_key", "prng_key")

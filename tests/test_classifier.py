@@ -157,7 +157,7 @@ def test_load_errors_name_the_problem(tmp_path, clf):
     meta = path / "reddiff_classifier.json"
     record = json.loads(meta.read_text())
     meta.write_text("{ not json")
-    with pytest.raises(ValueError, match="corrupt classifier checkpoint, .* is not JSON"):
+    with pytest.raises(ValueError, match="corrupt classifier checkpoint, .* is not valid JSON"):
         load_classifier(path)
     meta.write_text(json.dumps({**record, "config": {**record["config"], "hiden": 3}}))
     with pytest.raises(ValueError, match="corrupt classifier checkpoint, bad config"):

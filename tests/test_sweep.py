@@ -133,8 +133,8 @@ def test_dps_sweep_over_zeta_and_the_cli(tiny_model, tmp_path, monkeypatch, caps
     """Any algorithm's traced settings sweep (DPS' zeta); the CLI prints the best --param."""
     from reddiff_jax import sweep as mod
 
-    real = mod._load_model
-    monkeypatch.setattr(mod, "_load_model", lambda m: real(tiny_model))
+    real = mod.resolve_model
+    monkeypatch.setattr(mod, "resolve_model", lambda m: real(tiny_model))
     rc = _main(["sweep", "--task", "sr:4", "--algo", "dps", "--grid", "zeta=0.1,1",
                 "--grid", "eta=0.5,1", "--n", "2", "--steps", str(STEPS), "--out",
                 str(tmp_path), "--no-lpips", "--no-progress", "--chunk", "8"])  # fmt: skip

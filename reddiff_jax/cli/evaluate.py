@@ -49,6 +49,10 @@ def _parse_algo_params(items: Sequence[str]) -> dict[str, dict[str, str]]:
 
 
 def _run(args: argparse.Namespace) -> int:
+    if args.protocol:
+        return _run_protocol(args)
+    if args.tune_n is not None or args.tuned_settings is not None:
+        raise ValueError("--tune-n and --tuned-settings belong to --protocol")
     params, steps = _parse_algo_params(args.param or []), _parse_steps_arg(args.steps)
     for path in args.tuned or []:  # settings learned by `reddiff-jax tune`, for their task
         from reddiff_jax.tune import load_tuned
@@ -59,11 +63,11 @@ def _run(args: argparse.Namespace) -> int:
     results = evaluate(
         jax.random.key(args.seed),
         out=args.out,
-        tasks=_split_list(args.tasks),
-        algos=_split_list(args.algos),
-        n=args.n,
+        tasks=_split_list(args.tasks or ",".join(DEFAULT_TASKS)),
+        algos=_split_list(args.algos or ",".join(DEFAULT_ALGOS)),
+        n=100 if args.n is None else args.n,
         steps=steps,
-        sigma_y=args.sigma_y,
+        sigma_y=0.0 if args.sigma_y is None else args.sigma_y,
         model=args.model,
         inputs=args.inputs,
         batch=args.batch,
@@ -72,7 +76,47 @@ def _run(args: argparse.Namespace) -> int:
         progress=not args.no_progress,
     )
     print(format_markdown(results))
-    print(f"written: {Path(args.out) / 'eval.md'} and eval.json")
+    print(f"written: {Path(args.out) / 'eval.md'}, eval.json and eval.png")
+    return 0
+
+
+def _run_protocol(args: argparse.Namespace) -> int:
+    """``--protocol``: tune every pair on the validation split, then score on the test split."""
+    import dataclasses
+    import json
+
+    from reddiff_jax import protocol
+
+    fixed = {"--tasks": args.tasks, "--algos": args.algos, "--steps": args.steps,
+             "--sigma-y": args.sigma_y, "--param": args.param, "--tuned": args.tuned,
+             "INPUTS": args.inputs or None}  # fmt: skip
+    given = [name for name, value in fixed.items() if value is not None]
+    if given:
+        raise ValueError(f"--protocol fixes the tasks, algorithms and settings; drop {given}")
+    changes = {"n_test": args.n, "n_tune": args.tune_n}
+    spec = dataclasses.replace(
+        protocol.PROTOCOL, **{k: v for k, v in changes.items() if v is not None}
+    )
+    tuned = None
+    if args.tuned_settings is not None:
+        try:
+            tuned = json.loads(Path(args.tuned_settings).read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+            msg = f"--tuned-settings: cannot read {args.tuned_settings}: {err}"
+            raise ValueError(msg) from None
+    results = protocol.run(
+        jax.random.key(args.seed),
+        protocol=spec,
+        out=args.out,
+        model=args.model,
+        tuned=tuned,
+        batch=args.batch,
+        lpips=not args.no_lpips,
+        progress=not args.no_progress,
+    )
+    print(format_markdown(results))
+    test = Path(args.out) / "test"
+    print(f"written: {Path(args.out) / 'tuned.json'}, {test / 'eval.md'}, eval.json and eval.png")
     return 0
 
 
@@ -87,14 +131,35 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
         ),
     )
     p.add_argument("inputs", nargs="*", help="image files or folders (default: held-out digits)")
-    p.add_argument("--tasks", default=",".join(DEFAULT_TASKS), help="comma-separated specs")
-    p.add_argument("--algos", default=",".join(DEFAULT_ALGOS), help="comma-separated solvers")
-    p.add_argument("--n", type=int, default=100, help="number of images (default 100)")
+    p.add_argument(
+        "--protocol",
+        action="store_true",
+        help="the README's comparison: six tasks, every algorithm at 100 NFE, each tuned by a "
+        "grid sweep on the validation split, scored on the test split (--n, default 800)",
+    )
+    p.add_argument(
+        "--tasks", default=None, help=f"comma-separated specs (default {','.join(DEFAULT_TASKS)})"
+    )
+    p.add_argument(
+        "--algos", default=None, help=f"comma-separated solvers (default {','.join(DEFAULT_ALGOS)})"
+    )
+    p.add_argument("--n", type=int, default=None, help="number of images (default 100)")
+    p.add_argument(
+        "--tune-n", type=int, default=None, help="--protocol: validation digits per sweep cell"
+    )
+    p.add_argument(
+        "--tuned-settings",
+        default=None,
+        metavar="FILE",
+        help="--protocol: a tuned.json of an earlier run (skips the sweeps)",
+    )
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument(
         "--steps", default=None, help="solver steps: INT for all, or ALGO=INT,... (default 100)"
     )
-    p.add_argument("--sigma-y", type=float, default=0.0, help="noise: y = A(x) + 2 sigma_y n")
+    p.add_argument(
+        "--sigma-y", type=float, default=None, help="noise: y = A(x) + 2 sigma_y n (default 0)"
+    )
     p.add_argument("--model", default=None, help="checkpoint folder (default: mnist32)")
     p.add_argument("--seed", type=seed, default=0, help="random seed (default 0)")
     p.add_argument("--batch", type=int, default=25, help="images per solver call (default 25)")
