@@ -56,8 +56,8 @@ def card_section(q: dict, num: int, steps: int, seed: int, seconds: float) -> st
             f"- fraction per class: {hist}",
             f"- Fréchet distance (classifier features) to the 1,000 held-out digits: "
             f"**{q['fd']:.2f}**; floor (as many training digits): {q['floor_fd']:.2f}",
-            f"- KID x 1000: {1000 * q['kid']:.2f} ± {1000 * q['kid_std']:.2f}; "
-            f"floor {1000 * q['floor_kid']:.2f} ± {1000 * q['floor_kid_std']:.2f}",
+            f"- KID (unbiased MMD², cubic kernel, same features; subsets of "
+            f"{min(q['num_samples'], 1000)}): {q['kid']:.2f}; floor {q['floor_kid']:.2f}",
             "",
             "`samples_quality.png`: the first 100 of these samples.",
             "",
