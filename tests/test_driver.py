@@ -124,7 +124,8 @@ def test_trajectory_progress_and_replay(name):
     # The same draws, fed in instead of generated: only the fusion of the two programs differs,
     # so they agree to float32 rounding over 5 steps (|x| reaches ~40 here).
     np.testing.assert_allclose(np.asarray(replayed.x), np.asarray(plain.x), rtol=1e-5, atol=1e-6)
-    other = solve(cfg, toy_eps, OP, Y, jax.random.key(4))
+    # trajectory=True as above: the same compiled program, only the key differs
+    other = solve(cfg, toy_eps, OP, Y, jax.random.key(4), trajectory=True)
     assert not np.allclose(np.asarray(other.x), np.asarray(plain.x)) or name == "ddrm"
 
 

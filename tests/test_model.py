@@ -152,7 +152,7 @@ def test_jit_and_vmap_match_plain_call(model, plain):
     (x, t, y), out = plain
     np.testing.assert_allclose(jax.jit(model.apply)(x, t, y), out, **tol)
     # vmap over a leading axis: each of the 2 calls sees a batch of one
-    vmapped = jax.vmap(model.apply)(x[:, None], t[:, None], y[:, None])
+    vmapped = jax.jit(jax.vmap(model.apply))(x[:, None], t[:, None], y[:, None])
     chex.assert_shape(vmapped, (2, 1, 16, 16, 6))
     np.testing.assert_allclose(vmapped[:, 0], out, **tol)
 

@@ -41,15 +41,16 @@ def run(request):
     io = dict(np.load(FIXTURES / f"{name}.io.npz"))
     x = io["x"].transpose(0, 2, 3, 1)  # NCHW -> NHWC
     y = io.get("y")
-    with jax.default_matmul_precision("highest"):
-        out, state = UNet(config).apply(
-            {"params": params},
-            x,
-            io["t"],
-            y,
-            capture_intermediates=True,
-            mutable=["intermediates"],
+
+    # One compiled call (op-by-op dispatch would compile each of its few hundred ops).
+    @jax.jit
+    def apply(params, x, t, y):
+        return UNet(config).apply(
+            {"params": params}, x, t, y, capture_intermediates=True, mutable=["intermediates"]
         )
+
+    with jax.default_matmul_precision("highest"):
+        out, state = apply(params, x, io["t"], y)
     return name, config, io, out, state["intermediates"]
 
 
