@@ -18,6 +18,9 @@ Prints, in one run and per batch size (``--batch 1,8,32``):
   torch state dict (checked against the fixture's golden output), so the ratio to torch shows
   per layer. Torch is only imported here; it is timed after JAX (XLA's worker threads spin for
   a while after each call, which would slow torch's OpenMP threads on a small machine);
+* with more than one local device (one CPU device per core: the script calls
+  ``sharding.use_cpu_cores()`` as the command line does): the forward and forward+VJP with the
+  batch sharded over them (variant ``shardedN``);
 * with ``--conv-variants``: the 3x3 convolution as NHWC/HWIO (the UNet's), NCHW/OIHW with
   transposes, and im2col + matmul;
 * with ``--flags-sweep``: the whole forward re-measured in child processes under each XLA CPU
@@ -54,9 +57,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from reddiff_jax import unet
+from reddiff_jax import sharding, unet
 from reddiff_jax.model import ScoreModel
 from reddiff_jax.unet import UNet, UNetConfig, get_preset
+
+if __name__ == "__main__":  # before any JAX work: one CPU device per core, as the CLI does
+    sharding.use_cpu_cores()
 
 _ROOT = Path(__file__).resolve().parents[1]
 FIXTURE_DIRS = (_ROOT / "tests" / "fixtures" / "guided_diffusion",)
@@ -183,6 +189,7 @@ class Call:
     compiled: Any
     args: tuple[Any, ...]
     flops: float
+    fn: Callable | None = None  # the traced function (to compile it again for other inputs)
 
     def __call__(self) -> Any:
         return self.compiled(*self.args)
@@ -190,7 +197,7 @@ class Call:
 
 def _compile(fn: Callable, *args: Any) -> Call:
     compiled = jax.jit(fn).lower(*args).compile()
-    return Call(compiled, args, cost_flops(compiled))
+    return Call(compiled, args, cost_flops(compiled), fn)
 
 
 def matmul_call(flops: float) -> tuple[Callable[[], Any], float, int]:
@@ -322,6 +329,15 @@ def _network_variants(
     rows: dict[str, dict[str, Call]] = {"forward": {}, "forward+vjp": {}}
     for name, call in compile_both().items():
         rows[name]["new"] = call
+    ndev = jax.local_device_count()
+    if ndev > 1 and batch % ndev == 0:  # the batch sharded over one CPU device per core
+        mesh = sharding.data_mesh(ndev)
+        bat, rep = sharding.batch_sharding(mesh), sharding.replicated(mesh)
+        m_r = jax.device_put(model, rep)
+        x, t, ct = (jax.device_put(v, bat) for v in (x, t, ct))
+        for name, call in compile_both().items():
+            args = (m_r, x, t) if name == "forward" else (m_r, x, t, ct)
+            rows[name][f"sharded{ndev}"] = _compile(call.fn, *args)
     if compare_old:
         with old_layers():
             for name, call in compile_both().items():
@@ -583,10 +599,12 @@ def print_rows(rows: list[dict[str, Any]], peak: float) -> None:
             print(f"    variant {k}: {r[k + '_ms']:.3f} ms, {r[k + '_gflops']:.1f} GF/s")
     fwd = [r for r in rows if r["kind"] == "forward"]
     for r in fwd:
+        sharded = [k[:-7] for k in r if k.startswith("sharded") and k.endswith("_gflops")]
         print(
             f"whole forward, batch {r['batch']}: {r['new_gflops']:.1f} GF/s = "
             f"{r['new_gflops'] / peak:.2f} of the 2048^2 matmul's {peak:.1f} GF/s"
             + (f" (old: {r['old_gflops'] / peak:.2f})" if "old_gflops" in r else "")
+            + "".join(f"; {k[7:]} devices: {r[k + '_gflops'] / peak:.2f}" for k in sharded)
         )
 
 

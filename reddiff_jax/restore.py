@@ -433,8 +433,7 @@ def restore(
       :class:`RestoreOutputs` (``failed`` lists images whose solve diverged).
     """
     _check_options(algo, sigma_y, batch, grid_rows)
-    mesh = sharding.data_mesh(devices)
-    mesh = mesh if mesh.size > 1 else None
+    sharding.data_mesh(devices)  # a bad `devices` fails here, before anything is written
     multi = jax.process_count() > 1
     model, model_name = resolve_model(model)
     cfg = model.config
@@ -462,6 +461,8 @@ def restore(
     todo = [i for i in own if i not in records]
     skipped = len(own) - len(todo)
     pinv = np.asarray(pipeline.pseudo_inverse(op, y_arr))
+    mesh = sharding.data_mesh(devices, at_most=min(batch, max(len(todo), 1)))
+    mesh = mesh if mesh.size > 1 else None
     pipeline.solve_batches(config, model.eps, op, y_arr, k_solve, batch=batch, todo=todo,
                            on_batch=_writer(out, names, truth, pinv, records),
                            progress=progress, desc=f"{algo} {task}", mesh=mesh)  # fmt: skip

@@ -59,3 +59,21 @@ def test_bench_unet_tiny_compares_old_and_new(tmp_path):
         assert r["new_ms"] > 0 and r["mflop"] > 0 and r["matmul_gflops"] > 0
         if r["kind"] != "conv3x3":
             assert r["old_ms"] > 0  # the old formulation was compiled and timed
+
+
+def test_bench_vs_official_times_both_sides(tmp_path):
+    bench = _load("bench_vs_official")
+    out = tmp_path / "vs.json"
+    rows = bench.main(["--batch", "2", "--steps", "2", "--repeats", "1", "--json", str(out)])
+    assert [(r["algo"], r["batch"]) for r in rows] == [("reddiff", 2), ("dps", 2)]
+    assert json.loads(out.read_text()) == rows
+    for r in rows:
+        assert r["ours_s"] > 0 and r["official_s"] > 0 and r["ours_1dev_s"] > 0
+
+
+def test_bench_bf16_reports_the_error(tmp_path):
+    bench = _load("bench_bf16")
+    (row,) = bench.main(["--n", "2", "--steps", "3", "--tasks", "sr:4"])
+    assert row["task"] == "sr:4"
+    # bf16 moves the restoration, but by far less than the restoration's own error
+    assert 0 < row["max_abs"] < 1 and row["psnr_bf16_vs_f32"] > row["psnr_f32"] > 5

@@ -51,6 +51,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the console script; returns the process exit status."""
+    from reddiff_jax import sharding
+
+    sharding.use_cpu_cores()  # one CPU device per core, before any JAX work (no-op on GPU/TPU)
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args) or 0)
