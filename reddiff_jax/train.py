@@ -35,7 +35,7 @@ import optax
 import orbax.checkpoint as ocp
 
 from reddiff_jax import data as data_lib
-from reddiff_jax import diffusion, imageio
+from reddiff_jax import diffusion, imageio, sharding
 from reddiff_jax.model import init_params
 from reddiff_jax.unet import UNet, UNetConfig
 
@@ -188,6 +188,7 @@ class TrainResult:
     commands: list[dict[str, Any]]  # {"start_step", "command"} of each call that trained
     wall_time: float
     resumed_from: int  # the step this call started at (0 for a fresh run)
+    init_from: dict[str, Any] | None = None  # the warm start's record (`train(warm_start_info=)`)
 
 
 def make_optimizer(config: TrainConfig) -> optax.GradientTransformation:
@@ -352,6 +353,9 @@ def train(
     stop_after: int | None = None,
     log: Callable[[str], None] | None = None,
     command: str | None = None,
+    warm_start: Any = None,
+    warm_start_info: dict[str, Any] | None = None,
+    mesh: Any = None,
 ) -> TrainResult:
     """Trains (or resumes training) to `train_config.steps` steps.
 
@@ -367,6 +371,14 @@ def train(
         simulate an interruption; 0 only restores the latest checkpoint (which must exist).
       log: receives a line at each checkpoint (e.g. `print`).
       command: the command line of this call, recorded in the checkpoint metadata.
+      warm_start: a warm start for a new run (ignored when `workdir` holds a checkpoint): these
+        parameters (e.g. an exported model's EMA weights; the tree of `model_config`) start both
+        the weights and their EMA; the optimiser starts fresh.
+      warm_start_info: what `warm_start` is (JSON-serialisable, e.g. path and steps), recorded in
+        the metadata and the model card.
+      mesh: a ``("data",)`` mesh (:func:`reddiff_jax.sharding.data_mesh`) whose size divides
+        the batch: data parallel training, each batch sharded over it and the state replicated
+        (the same steps, up to float rounding of the batch mean).
 
     Returns:
       A `TrainResult`.
@@ -380,6 +392,8 @@ def train(
     workdir = Path(workdir)
     k_init, k_data, k_step = jax.random.split(key, 3)
     template = init_state(k_init, model_config, train_config)
+    if warm_start is not None:
+        template = _warm_start(template, warm_start, train_config)
     meta = {
         "model_config": model_config.to_dict(),
         "train_config": dataclasses.asdict(train_config),
@@ -387,7 +401,13 @@ def train(
         "wall_time": 0.0,
         "loss_trace": [],
         "commands": [],
+        "init_from": warm_start_info if warm_start is not None else None,
     }
+    if mesh is not None and train_config.batch_size % sharding.data_size(mesh):
+        raise ValueError(
+            f"mesh: {sharding.data_size(mesh)} devices do not divide the batch "
+            f"{train_config.batch_size}"
+        )
     mngr = _manager(workdir, train_config)
     try:
         state = _resume(mngr, template, meta, workdir, train_config, export_only=stop_after == 0)
@@ -400,6 +420,9 @@ def train(
             else min(train_config.steps, start + stop_after)
         )
         batches = data_lib.batches(k_data, images, train_config.batch_size, start_step=start)
+        if mesh is not None:
+            state = jax.device_put(state, sharding.replicated(mesh))
+            batches = (jax.device_put(b, sharding.batch_sharding(mesh)) for b in batches)
         state, losses = _run_steps(
             state,
             batches,
@@ -420,6 +443,7 @@ def train(
         commands=list(meta["commands"]),
         wall_time=float(meta["wall_time"]),
         resumed_from=start,
+        init_from=meta["init_from"],
     )
 
 
@@ -466,7 +490,26 @@ def _resume(
     meta["wall_time"] = float(old["wall_time"])
     meta["loss_trace"] = list(old["loss_trace"])
     meta["commands"] = list(old.get("commands", []))
+    meta["init_from"] = old.get("init_from")
     return state
+
+
+def _warm_start(template: TrainState, params: Any, train_config: TrainConfig) -> TrainState:
+    """`template` with `params` as the weights and their EMA (a fresh optimiser state)."""
+    want = jax.tree.map(lambda v: (v.shape, v.dtype), template.params)
+    got = jax.tree.map(lambda v: (jnp.shape(v), jnp.asarray(v).dtype), params)
+    if jax.tree.structure(want) != jax.tree.structure(got) or want != got:
+        raise ValueError(
+            "warm_start: the parameters do not match the model config's parameter "
+            "tree (other widths, levels or channels?)"
+        )
+    params = jax.tree.map(jnp.asarray, params)
+    return TrainState(
+        step=template.step,
+        params=params,
+        ema_params=jax.tree.map(jnp.copy, params),
+        opt_state=make_optimizer(train_config).init(params),
+    )
 
 
 class _Checkpointer:
@@ -651,6 +694,7 @@ def export(
         "train_config": dataclasses.asdict(train_config),
         "params": int(sum(p.size for p in jax.tree.leaves(result.state.ema_params))),
         "training_commands": result.commands,
+        "init_from": result.init_from,
         **(info or {}),
     }
     model = ScoreModel(config=model_config, params=result.state.ema_params)
@@ -681,6 +725,16 @@ def export(
     return out
 
 
+def _warm_start_lines(init: dict[str, Any] | None) -> list[str]:
+    if not init:
+        return []
+    return [
+        f"- warm start: the EMA weights of `{init.get('path', '?')}` "
+        f"({init.get('steps', '?')} steps, {init.get('wall_time_s', 0) / 60:.1f} min); the "
+        "steps, wall time and loss below are this run's"
+    ]
+
+
 def _model_card(meta: dict[str, Any], cfg: UNetConfig, sample_steps: int, extra: str) -> str:
     tc = meta["train_config"]
     lines = [
@@ -695,6 +749,7 @@ def _model_card(meta: dict[str, Any], cfg: UNetConfig, sample_steps: int, extra:
         "- training command(s) (start step: command):",
         *[f"  - {c['start_step']}: `{c['command']}`" for c in meta["training_commands"]],
         f"- export command: `{meta.get('export_command', '?')}`",
+        *_warm_start_lines(meta.get("init_from")),
         f"- data: {meta.get('data', '?')} ({meta.get('num_examples', '?')} images)",
         f"- steps: {meta['steps']} (of at most {tc['steps']}; the learning rate is constant after "
         "warm-up, so a run may be stopped at any checkpoint and exported)",

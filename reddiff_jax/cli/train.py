@@ -43,6 +43,19 @@ def register(subparsers: Any) -> None:
     p.add_argument("--ema-decay", type=float, default=defaults.ema_decay)
     p.add_argument("--checkpoint-every", type=int, default=defaults.checkpoint_every)
     p.add_argument("--seed", type=seed, default=0)
+    p.add_argument(
+        "--init-from",
+        default=None,
+        help="warm start a new run from an exported model's EMA weights (a folder such as "
+        "checkpoints/mnist32, or an embedded name); ignored when --workdir holds a checkpoint",
+    )
+    p.add_argument(
+        "--devices",
+        type=int,
+        default=None,
+        help="data parallel over N local devices (default: as many as divide the batch, up to "
+        "all; one per CPU core on a CPU)",
+    )
     p.add_argument("--samples", type=int, default=64, help="images in the sample grid")
     p.add_argument("--sample-steps", type=int, default=50, help="DDIM steps for the grid")
     p.add_argument("--name", default=None, help="title of the model card")
@@ -70,6 +83,8 @@ def _command_line(args: argparse.Namespace, workdir: Path) -> str:
         ("--seed", args.seed),
     ):
         parts += [flag, str(value)]
+    if args.init_from:
+        parts += ["--init-from", str(args.init_from)]
     return shlex.join(parts)
 
 
@@ -107,6 +122,45 @@ def _hardware() -> str:
     )
 
 
+def _warm_start(source: str | None, model_config: Any) -> tuple[Any, dict[str, Any] | None]:
+    """(EMA params, record) of the exported model ``source``, or (None, None)."""
+    if not source:
+        return None, None
+    from reddiff_jax.model import read_metadata, resolve_model
+
+    model, name = resolve_model(source)
+    if model.config != model_config:
+        raise ValueError(
+            f"init-from: {name} is a {model.config.to_dict()} model; --config gives "
+            f"{model_config.to_dict()}"
+        )
+    meta = read_metadata(name).get("metadata") or {}
+    info = {
+        "path": str(source),
+        "steps": meta.get("steps"),
+        "wall_time_s": meta.get("wall_time_s", 0),
+    }
+    return model.params, info
+
+
+def _mesh(devices: int | None, batch: int) -> Any:
+    """A data mesh over ``devices`` local devices (default: the most, up to all, that divide
+    ``batch``), or None for one device."""
+    from reddiff_jax import sharding
+
+    if jax.process_count() > 1:
+        raise ValueError("train: multi-process training is not supported; run one process")
+    local = jax.local_device_count()
+    if devices is None:
+        devices = max(d for d in range(1, local + 1) if batch % d == 0)
+    elif not 1 <= devices <= local or batch % devices:
+        raise ValueError(
+            f"devices: expected an int in 1 .. {local} (the local devices) that divides the "
+            f"batch {batch}, got {devices}"
+        )
+    return sharding.data_mesh(devices) if devices > 1 else None
+
+
 def run(args: argparse.Namespace) -> int:
     """Runs `reddiff-jax train` from parsed arguments."""
     model_config = train_lib.get_model_config(args.config)
@@ -117,6 +171,7 @@ def run(args: argparse.Namespace) -> int:
     images = data_lib.load_images(args.data)
     key = jax.random.key(args.seed)  # the only seed -> key conversion
     command = _command_line(args, workdir)
+    warm, warm_info = _warm_start(args.init_from, model_config)
     result = train_lib.train(
         key,
         images,
@@ -127,6 +182,9 @@ def run(args: argparse.Namespace) -> int:
         stop_after=0 if args.export_only else None,
         log=_log,
         command=command,
+        warm_start=warm,
+        warm_start_info=warm_info,
+        mesh=_mesh(args.devices, train_config.batch_size),
     )
     info = {
         "name": args.name or f"reddiff-jax prior {out.name}",
