@@ -73,6 +73,21 @@ def test_bad_inputs_are_rejected():
         UNet(cfg).apply(params, x, t, jnp.array([1, 2]))
 
 
+def _random_params(cfg: UNetConfig, seed: int = 0):
+    """Random params without `UNet.init` (whose compile dominates a small test): kernels
+    N(0, 1/fan_in), GroupNorm scales 1 + N(0, 0.1^2), biases N(0, 0.1^2)."""
+    rng = np.random.default_rng(seed)
+
+    def draw(path, s):
+        if len(s.shape) > 1:
+            std, mean = 1 / np.sqrt(np.prod(s.shape[:-1])), 0.0
+        else:
+            std, mean = 0.1, float(path[-1].key == "scale")
+        return jnp.asarray(mean + std * rng.standard_normal(s.shape), jnp.float32)
+
+    return jax.tree_util.tree_map_with_path(draw, param_shapes(cfg))
+
+
 # One level with attention at full resolution: every block kind, the cheapest compile.
 _ONE_LEVEL = {**_SMALL, "channel_mult": "1", "attention_resolutions": "8"}
 
@@ -80,7 +95,7 @@ _ONE_LEVEL = {**_SMALL, "channel_mult": "1", "attention_resolutions": "8"}
 def test_remat_gives_the_same_output_and_gradient():
     cfg = UNetConfig.from_create_model_kwargs(_ONE_LEVEL)
     x, t = _inputs(cfg)
-    params = jax.jit(UNet(cfg).init)(jax.random.key(1), x, t)["params"]
+    params = _random_params(cfg, seed=1)
 
     def loss(p, c):
         return jnp.sum(UNet(c).apply({"params": p}, x, t) ** 2)
@@ -98,7 +113,7 @@ def test_remat_gives_the_same_output_and_gradient():
 def test_bfloat16_compute_stays_close_and_returns_float32():
     cfg = UNetConfig.from_create_model_kwargs(_ONE_LEVEL)
     x, t = _inputs(cfg)
-    params = jax.jit(UNet(cfg).init)(jax.random.key(1), x, t)
+    params = {"params": _random_params(cfg, seed=1)}
     out32 = jax.jit(UNet(cfg).apply)(params, x, t)
     out16 = jax.jit(UNet(cfg.replace(dtype="bfloat16")).apply)(params, x, t)
     chex.assert_type(out16, jnp.float32)
@@ -106,21 +121,6 @@ def test_bfloat16_compute_stays_close_and_returns_float32():
     # bfloat16 keeps 8 mantissa bits: relative error ~ a few 1e-3 per op, well under 5e-2 overall.
     rel = float(jnp.linalg.norm(out16 - out32) / jnp.linalg.norm(out32))
     assert rel < 5e-2, rel
-
-
-def _random_params(cfg: UNetConfig, seed: int = 0):
-    """Random params without `UNet.init` (whose compile dominates a small test): kernels
-    N(0, 1/fan_in), GroupNorm scales 1 + N(0, 0.1^2), biases N(0, 0.1^2)."""
-    rng = np.random.default_rng(seed)
-
-    def draw(path, s):
-        if len(s.shape) > 1:
-            std, mean = 1 / np.sqrt(np.prod(s.shape[:-1])), 0.0
-        else:
-            std, mean = 0.1, float(path[-1].key == "scale")
-        return jnp.asarray(mean + std * rng.standard_normal(s.shape), jnp.float32)
-
-    return jax.tree_util.tree_map_with_path(draw, param_shapes(cfg))
 
 
 def test_float64_compute_matches_float32_and_returns_float64():
