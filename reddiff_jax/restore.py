@@ -336,6 +336,28 @@ def _summary(
     return out
 
 
+def _digit_accuracy(out: Path, names, pinv, image_shape) -> dict[str, Any]:
+    """With the demo digits on a 32x32 grey model: the embedded classifier's accuracy
+    (restored and pseudo-inverse read as the true digit) as ``{"accuracy": {"restored": {mean,
+    per_image}, "pinv": {...}}}``; else ``{}`` (no labels or another image shape)."""
+    if tuple(image_shape) != (32, 32, 1):
+        return {}
+    with np.load(default_heldout_path(), allow_pickle=False) as data:
+        if "labels" not in data:
+            return {}
+        labels = np.asarray(data["labels"][: len(names)], np.int32)
+    from reddiff_jax.sample_quality import classifier_accuracy
+
+    restored = np.stack([np.asarray(Image.open(out / "restored" / f"{n}.png")) for n in names])
+    images = {"restored": restored[..., None] if restored.ndim == 3 else restored,
+              "pinv": imageio.to_uint8(pinv)}  # fmt: skip
+    acc = {}
+    for which, x in images.items():
+        hit = classifier_accuracy(x, labels).astype(float)
+        acc[which] = {"mean": float(hit.mean()), "per_image": hit.tolist()}
+    return {"accuracy": acc}
+
+
 def _write_grid(out: Path, names, truth, y_arr, pinv, algo, rows, image_shape) -> Path:
     shown = [np.asarray(Image.open(out / "restored" / f"{n}.png")) for n in names[:rows]]
     shown = np.stack([s[..., None] if s.ndim == 2 else s for s in shown])
@@ -480,6 +502,8 @@ def restore(
     summary, metrics_path = None, None
     if truth is not None:
         summary = _summary(task, algo, ordered, names, config.num_iterations)
+        if demo and lead:
+            summary.update(_digit_accuracy(out, names, pinv, image_shape))
         metrics_path = out / "metrics.json"
         if lead:
             imageio.atomic_write_json(metrics_path, summary)

@@ -114,3 +114,18 @@ def test_every_algorithm_is_registered_with_its_config():
         for settings in algo.task_defaults.values():
             assert set(settings) <= {f.name for f in dataclasses.fields(algo.config)}
         assert set(algo.config.HYPER) <= {f.name for f in dataclasses.fields(algo.config)}
+
+
+def test_task_defaults_go_from_general_to_specific(monkeypatch):
+    """``"*"``, then the operator name, then the name with its first argument; official
+    aliases resolve to the same entries."""
+    from reddiff_jax.solvers import registry
+
+    table = {"*": {"lam": 1.0, "lr": 1.0}, "inpaint": {"lr": 2.0}, "inpaint:random": {"lam": 3.0},
+             "sr:4": {"lr": 4.0}}  # fmt: skip
+    algo = dataclasses.replace(registry.get("reddiff"), task_defaults=table)
+    monkeypatch.setitem(registry.ALGORITHMS, "reddiff", algo)
+    assert registry.task_defaults("reddiff", "inpaint:random:0.8") == {"lam": 3.0, "lr": 2.0}
+    assert registry.task_defaults("reddiff", "inpaint:box") == {"lam": 1.0, "lr": 2.0}
+    assert registry.task_defaults("reddiff", "sr4") == {"lam": 1.0, "lr": 4.0}
+    assert registry.task_defaults("reddiff", "sr:2") == {"lam": 1.0, "lr": 1.0}

@@ -200,7 +200,20 @@ def test_cli_restore(model_dir, tmp_path, capsys):
     argv = ["restore", "--demo", "--n", "3", "--model", str(model_dir), "--out", str(out)]
     argv += ["--task", TASK, "--steps", str(STEPS), "--batch", str(BATCH), "--no-progress"]
     assert cli.main(argv + ["--lam", "0.3"]) == 0
-    assert "restored 3 image(s)" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "restored 3 image(s)" in printed and "digit accuracy" in printed
+    # the demo digits have labels: the embedded classifier judges restored and pinv images
+    from reddiff_jax.sample_quality import classifier_accuracy
+
+    acc = json.loads((out / "metrics.json").read_text())["accuracy"]
+    with np.load(R.default_heldout_path()) as held:
+        truth_labels = held["labels"][:3]
+    pngs = np.stack([np.asarray(Image.open(out / "restored" / f"heldout_{i:04d}.png"))
+                     for i in range(3)])[..., None]  # fmt: skip
+    want = classifier_accuracy(pngs, truth_labels).astype(float)
+    assert acc["restored"]["per_image"] == want.tolist()
+    assert acc["restored"]["mean"] == pytest.approx(want.mean())
+    assert len(acc["pinv"]["per_image"]) == 3 and 0 <= acc["pinv"]["mean"] <= 1
     settings = json.loads((out / "run.json").read_text())
     assert settings["config"]["lam"] == 0.3 and settings["algo"] == "reddiff"
     assert len(list((out / "restored").glob("*.png"))) == 3

@@ -76,6 +76,11 @@ def test_cells_match_a_plain_solve_many_and_resume(tiny_model, tmp_path, counted
     x = np.asarray(solve_many(config, tiny_model.eps, op, y, keys, op_axis=None).x)
     want = sweep_lib.score_images(x, truth, use_lpips=False)["psnr"]
     np.testing.assert_allclose(res["cells"][1]["psnr"]["per_image"], want, rtol=1e-6)
+    # every cell also records the digit classifier's verdict on each restoration
+    from reddiff_jax.sample_quality import classifier_accuracy
+
+    hit = classifier_accuracy(imageio.to_uint8(x), splits.labels("validation", 3))
+    assert res["cells"][1]["accuracy"]["per_image"] == hit.astype(float).tolist()
 
     before = counted["n"]
     again = sweep_lib.sweep(key, grid=grid, task="inpaint:box", n=3, steps=STEPS,
@@ -113,6 +118,12 @@ def test_grid_checks_and_helpers(tiny_model):
         {"params": {"a": 2}, "lpips": {"mean": 0.1}},
     ]
     assert sweep_lib.best_cell(cells, "lpips")["params"] == {"a": 2}
+    tied = [
+        {"params": {"a": 1}, "accuracy": {"mean": 0.5}, "psnr": {"mean": 11.0}},
+        {"params": {"a": 2}, "accuracy": {"mean": 0.5}, "psnr": {"mean": 12.0}},
+        {"params": {"a": 3}, "accuracy": {"mean": 0.25}, "psnr": {"mean": 20.0}},
+    ]
+    assert sweep_lib.best_cell(tied, "accuracy")["params"] == {"a": 2}  # PSNR breaks the tie
     assert sweep_lib.param_strings("dps", "blur:gaussian", {"zeta": 0.5}) == {
         "restore": "--param zeta=0.5", "eval": "--param dps@blur.zeta=0.5"}  # fmt: skip
 

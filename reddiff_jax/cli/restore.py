@@ -130,11 +130,14 @@ def _run(args: argparse.Namespace) -> int:
         f"outputs in {result.out}"
     )
     if result.metrics is not None:
+        acc = result.metrics.get("accuracy")
         for which in ("pinv", "restored"):
             m = result.metrics[which]
             print(
                 f"  {which:>8}: PSNR {_fmt(m['psnr']['mean'], 2)} dB  "
-                f"SSIM {_fmt(m['ssim']['mean'], 4)} (mean of {result.metrics['n_images']})"
+                f"SSIM {_fmt(m['ssim']['mean'], 4)}"
+                + (f"  digit accuracy {acc[which]['mean']:.2f}" if acc else "")
+                + f" (mean of {result.metrics['n_images']})"
             )
     print(f"  grid: {result.grid}")
     if result.failed:

@@ -40,7 +40,7 @@ def _run(args: argparse.Namespace) -> int:
         overwrite=args.overwrite,
         progress=not args.no_progress,
     )
-    metrics = [m for m in ("psnr", "ssim", "lpips") if m in res["cells"][0]]
+    metrics = [m for m in ("psnr", "ssim", "lpips", "accuracy") if m in res["cells"][0]]
     print("  ".join(f"{k:>8}" for k in res["grid"]) + "  " + "  ".join(f"{m:>6}" for m in metrics)
           + "  diverged")  # fmt: skip
     for cell in res["cells"]:
@@ -101,7 +101,7 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument(
         "--metric",
         default="psnr",
-        choices=("psnr", "ssim", "lpips"),
+        choices=("psnr", "ssim", "lpips", "accuracy"),
         help="what picks the best cell (default psnr)",
     )
     p.add_argument("--chunk", type=int, default=None, help="solves per compiled call")

@@ -255,8 +255,9 @@ class Algorithm:
       needs: operator capabilities it requires: ``"A_dagger"`` (a pseudo-inverse) or ``"svd"``.
       backprop: whether each step differentiates through the network (a VJP per step).
       conditional: False for unconditional sampling (DDIM), which ignores the measurement.
-      task_defaults: operator name (``"sr"``; ``"*"`` for every task) -> settings used by the
-        main job; a task entry overrides ``"*"``.
+      task_defaults: task (``"*"`` for every task; an operator name, ``"sr"``; or a name with
+        its first argument, ``"inpaint:random"``) -> settings used by the main job; a more
+        specific entry overrides a general one (:func:`registry.task_defaults`).
       shown: the settings an evaluation table shows.
       advice: what to change when a solve diverges.
     """

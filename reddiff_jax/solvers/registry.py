@@ -57,12 +57,22 @@ def lookup(config: SolverConfig | type) -> Algorithm:
 
 
 def task_defaults(name: str, task: str) -> dict[str, Any]:
-    """The settings the main job uses for ``name`` on ``task`` (an operator name or spec)."""
+    """The settings the main job uses for ``name`` on ``task`` (an operator name or spec).
+
+    Entries of the algorithm's ``task_defaults`` apply from the general to the specific:
+    ``"*"``, then the operator name (``"inpaint"``), then the name with its first argument
+    (``"inpaint:random"`` for ``inpaint:random:0.8``, ``"sr:4"`` for ``sr4``)."""
     from reddiff_jax import operators
 
     table = get(name).task_defaults
-    op_name = operators.parse_spec(task)[0]
-    return {**table.get("*", {}), **table.get(op_name, {})}
+    op_name, kwargs = operators.parse_spec(task)
+    keys = ["*", op_name]
+    if kwargs:
+        keys.append(f"{op_name}:{next(iter(kwargs.values()))}")
+    out: dict[str, Any] = {}
+    for k in keys:
+        out.update(table.get(k, {}))
+    return out
 
 
 def _coerce(field: dataclasses.Field, value: Any, name: str) -> Any:
