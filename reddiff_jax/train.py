@@ -624,12 +624,14 @@ def sample(
     schedule: str = "linear",
     num_timesteps: int = 1000,
     clip_denoised: bool = True,
+    mesh: Any = None,
 ) -> np.ndarray:
     """Unconditional DDIM (eta = 0) samples of a `ScoreModel`: float32 [num, H, W, C] in [-1, 1].
 
     With `clip_denoised` each step's x̂0 is clipped to [-1, 1] and eps recomputed from it (as
     guided-diffusion samples by default). The last DDIM step goes to alpha = 1, so the final
-    iterate is that step's x̂0.
+    iterate is that step's x̂0. `mesh`: a ``("data",)`` mesh the samples are sharded over (the
+    same samples).
     """
     from reddiff_jax import solvers
 
@@ -640,7 +642,7 @@ def sample(
     )
     ac = diffusion.alphas_cumprod(schedule, num_timesteps)
     eps_fn = functools.partial(_clipped_eps, model, ac) if clip_denoised else model.eps
-    return np.asarray(solvers.sample(config, eps_fn, shape, key, throw=False).x)
+    return np.asarray(solvers.sample(config, eps_fn, shape, key, throw=False, mesh=mesh).x)
 
 
 def sample_grid(key: jax.Array, model: Any, **kwargs: Any) -> np.ndarray:

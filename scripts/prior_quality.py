@@ -23,11 +23,17 @@ import time
 from pathlib import Path
 
 import jax
-import numpy as np
 
-from reddiff_jax import imageio, train
-from reddiff_jax.model import load_pretrained, read_metadata
-from reddiff_jax.sample_quality import sample_quality
+from reddiff_jax import sharding
+
+if __name__ == "__main__":  # before any JAX work: one CPU device per core, as the CLI does
+    sharding.use_cpu_cores()
+
+import numpy as np  # noqa: E402
+
+from reddiff_jax import imageio, train  # noqa: E402
+from reddiff_jax.model import load_pretrained, read_metadata  # noqa: E402
+from reddiff_jax.sample_quality import sample_quality  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 SECTION = "## Sample quality"
@@ -36,8 +42,10 @@ SECTION = "## Sample quality"
 def draw(key: jax.Array, model, num: int, batch: int, steps: int) -> np.ndarray:
     """uint8 [num, H, W, C] samples; batch j draws from fold_in(key, j)."""
     parts = []
+    devices = jax.local_device_count()
+    mesh = sharding.data_mesh(devices) if devices > 1 and batch % devices == 0 else None
     for j in range(-(-num // batch)):
-        x = train.sample(jax.random.fold_in(key, j), model, num=batch, num_steps=steps)
+        x = train.sample(jax.random.fold_in(key, j), model, num=batch, num_steps=steps, mesh=mesh)
         parts.append(imageio.to_uint8(x))
     return np.concatenate(parts)[:num]
 
