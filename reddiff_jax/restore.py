@@ -35,7 +35,7 @@ import jax
 import numpy as np
 from PIL import Image
 
-from reddiff_jax import imageio, operators, pipeline, posterior, sharding
+from reddiff_jax import imageio, operators, pipeline, posterior, sharding, tuned_defaults
 from reddiff_jax import metrics as metrics_lib
 from reddiff_jax.assets import default_heldout_path
 from reddiff_jax.grid import grid_png, measurement_display
@@ -443,7 +443,10 @@ def restore(
         ``reddiff-jax restore --distributed`` does), every process runs this with the same
         arguments and a shared ``out``: process p restores and writes its block of the images
         (``sharding.process_span``); process 0 writes run.json, grid.png and metrics.json.
-      params: solver settings overriding the task defaults (e.g. ``{"lam": 0.5}``).
+      params: solver settings overriding the defaults (e.g. ``{"lam": 0.5}``). The defaults
+        are the algorithm's task defaults, overridden by the settings tuned for the model when
+        its checkpoint folder holds a ``tuned.json`` (:mod:`reddiff_jax.tuned_defaults`; the
+        embedded prior does: RED-Diff tuned per task on the validation digits).
       grid_rows: images shown in grid.png (at most).
       overwrite: reuse an ``out`` written with other settings (stale outputs are removed).
       progress: a tqdm bar over the solver steps of all batches.
@@ -460,7 +463,9 @@ def restore(
     model, model_name = resolve_model(model)
     cfg = model.config
     image_shape = (cfg.image_size, cfg.image_size, cfg.in_channels)
-    config = algo_config(algo, task, steps=steps, sigma_y=sigma_y, overrides=params)
+    tuned = tuned_defaults.for_model(model_name, algo, task)  # the checkpoint's tuned.json
+    config = algo_config(algo, task, steps=steps, sigma_y=sigma_y,
+                         overrides={**tuned, **(params or {})})  # fmt: skip
     config = per_image(config, params=params)
     _check_samples(samples, config, multi)
     k_op, k_y, k_solve = (jax.random.fold_in(key, i) for i in range(3))
@@ -472,7 +477,7 @@ def restore(
                                   key=k_y, sigma_y=sigma_y)  # fmt: skip
     out = pipeline.prepare_out(out, subdirs=("restored", "records"))
     settings = {"task": task, "algo": algo, "sigma_y": float(sigma_y),
-                "config": pipeline.config_record(config),
+                "config": pipeline.config_record(config), "tuned_defaults": tuned or None,
                 "iterations": int(config.num_iterations), "model": model_name,
                 "key": pipeline.key_data(key),
                 "y": None if y is None else str(Path(y).resolve()), "images": names,

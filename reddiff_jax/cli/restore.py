@@ -28,6 +28,10 @@ def _defaults_text() -> str:
         parts += [f"{task}: " + ", ".join(f"{k} {v}" for k, v in kv.items())
                   for task, kv in table.items() if task != "*"]  # fmt: skip
         lines.append(f"  {name}: " + "; ".join(parts))
+    lines.append(
+        "a checkpoint folder with a tuned.json (the embedded prior has one: RED-Diff "
+        "tuned per task) overrides these for its model; options override both"
+    )
     lines.append("example: reddiff-jax restore --demo --n 8 --task sr:4 --out outputs/demo_sr4")
     return "\n".join(lines)
 
