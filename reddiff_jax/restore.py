@@ -507,7 +507,7 @@ def restore(
     summary, metrics_path = None, None
     if truth is not None:
         summary = _summary(task, algo, ordered, names, config.num_iterations)
-        if demo and lead:
+        if demo:  # every process: loading the classifier is a collective with several
             summary.update(_digit_accuracy(out, names, pinv, image_shape))
         metrics_path = out / "metrics.json"
         if lead:
