@@ -142,13 +142,9 @@ def _parse_sigma(sigma_y: Any, tasks: Sequence[str]) -> dict[str, float]:
 
 def _judge(enabled: bool, image_shape: tuple[int, int, int]) -> Any:
     """The embedded digit classifier as ``judge(x_u8, labels) -> float [n]`` (None: off)."""
-    if not enabled or image_shape != (32, 32, 1):
-        return None
-    from reddiff_jax.classifier import load_embedded_classifier
-    from reddiff_jax.sample_quality import classifier_accuracy
+    from reddiff_jax.sample_quality import digit_judge
 
-    model = load_embedded_classifier()
-    return lambda x_u8, labels: classifier_accuracy(x_u8, labels, classifier=model)
+    return digit_judge(image_shape) if enabled else None
 
 
 def evaluate(

@@ -340,20 +340,19 @@ def _digit_accuracy(out: Path, names, pinv, image_shape) -> dict[str, Any]:
     """With the demo digits on a 32x32 grey model: the embedded classifier's accuracy
     (restored and pseudo-inverse read as the true digit) as ``{"accuracy": {"restored": {mean,
     per_image}, "pinv": {...}}}``; else ``{}`` (no labels or another image shape)."""
-    if tuple(image_shape) != (32, 32, 1):
-        return {}
+    from reddiff_jax.sample_quality import digit_judge
+
+    judge = digit_judge(image_shape)
     with np.load(default_heldout_path(), allow_pickle=False) as data:
-        if "labels" not in data:
+        if judge is None or "labels" not in data:
             return {}
         labels = np.asarray(data["labels"][: len(names)], np.int32)
-    from reddiff_jax.sample_quality import classifier_accuracy
-
     restored = np.stack([np.asarray(Image.open(out / "restored" / f"{n}.png")) for n in names])
-    images = {"restored": restored[..., None] if restored.ndim == 3 else restored,
+    images = {"restored": restored.reshape(len(names), *image_shape),
               "pinv": imageio.to_uint8(pinv)}  # fmt: skip
     acc = {}
     for which, x in images.items():
-        hit = classifier_accuracy(x, labels).astype(float)
+        hit = judge(x, labels)
         acc[which] = {"mean": float(hit.mean()), "per_image": hit.tolist()}
     return {"accuracy": acc}
 

@@ -18,7 +18,7 @@ import numpy as np
 from reddiff_jax import metrics
 from reddiff_jax.classifier import Classifier, embed_digits, load_embedded_classifier
 
-__all__ = ["CONFIDENCE", "classifier_accuracy", "sample_quality"]
+__all__ = ["CONFIDENCE", "classifier_accuracy", "digit_judge", "sample_quality"]
 
 CONFIDENCE = 0.9
 """A digit counts as recognisable when the classifier's top probability is at least this."""
@@ -108,3 +108,15 @@ def classifier_accuracy(
         )
     _, probs = embed_digits(classifier, restored_u8)
     return probs.argmax(axis=1) == labels
+
+
+def digit_judge(image_shape: tuple[int, ...]) -> Any:
+    """``judge(x_u8 [N, 32, 32, 1], labels [N]) -> float [N]`` (1.0 where the embedded
+    classifier reads the digit as its label), loaded once; None unless ``image_shape`` is the
+    classifier's (32, 32, 1)."""
+    if tuple(image_shape) != (32, 32, 1):
+        return None
+    classifier = load_embedded_classifier()
+    return lambda x_u8, labels: classifier_accuracy(x_u8, labels, classifier=classifier).astype(
+        np.float64
+    )

@@ -422,18 +422,13 @@ def sweep(
 def _digit_judge(split: str, n: int, image_shape: tuple[int, int, int]) -> Any:
     """``judge(x [n, H, W, C] in [-1, 1]) -> float [n]`` (1.0: the embedded classifier reads
     the digit as its label) for the held-out digits on a 32x32 grey model, else None."""
-    if tuple(image_shape) != (32, 32, 1):
+    from reddiff_jax.sample_quality import digit_judge
+
+    judge = digit_judge(image_shape)
+    if judge is None:
         return None
-    from reddiff_jax.classifier import load_embedded_classifier
-    from reddiff_jax.sample_quality import classifier_accuracy
-
-    labels, classifier = splits.labels(split, n), load_embedded_classifier()
-
-    def judge(x: np.ndarray) -> np.ndarray:
-        x_u8 = imageio.to_uint8(np.where(np.isfinite(x), x, 0.0))
-        return classifier_accuracy(x_u8, labels, classifier=classifier).astype(np.float64)
-
-    return judge
+    labels = splits.labels(split, n)
+    return lambda x: judge(imageio.to_uint8(np.where(np.isfinite(x), x, 0.0)), labels)
 
 
 def _cell_record(params, done: dict[int, tuple[np.ndarray, int]], truth, use_lpips, judge) -> dict:
