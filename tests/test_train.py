@@ -228,6 +228,35 @@ def test_cli_trains_and_exports(tmp_path, monkeypatch):
     assert cli.main(warm_argv(str(tmp_path / "wider.json"), "bad")) == 2
 
 
+def test_cli_sigterm_keeps_the_last_step(tmp_path, monkeypatch, capsys):
+    """SIGTERM (how a background run is stopped) ends `train` as Ctrl-C does: the state after
+    the last finished step is checkpointed and resumes; the previous handler is restored."""
+    import signal
+
+    monkeypatch.setattr(cli, "COMMANDS", {"train": "reddiff_jax.cli.train"})
+    real_batches = data.batches
+
+    def batches_then_sigterm(*args, **kwargs):
+        for i, batch in enumerate(real_batches(*args, **kwargs)):
+            if i == 3:  # after 3 finished steps (the 1st checkpoint is at 2)
+                signal.raise_signal(signal.SIGTERM)
+            yield batch
+
+    monkeypatch.setattr(data, "batches", batches_then_sigterm)
+    np.savez(tmp_path / "d.npz", images=_digits())
+    work = tmp_path / "work"
+    argv = ["train", "--data", str(tmp_path / "d.npz"), "--out", str(tmp_path / "prior"),
+            "--config", "test-16", "--workdir", str(work), "--steps", "4", "--batch", "4",
+            "--warmup", "2", "--checkpoint-every", "2", "--no-progress"]  # fmt: skip
+    handler = signal.getsignal(signal.SIGTERM)
+    assert cli.main(argv) == 130
+    assert signal.getsignal(signal.SIGTERM) is handler
+    assert "interrupted; finished outputs are kept" in capsys.readouterr().err
+    monkeypatch.setattr(data, "batches", real_batches)
+    rest = train_lib.train(jax.random.key(0), _digits(), MODEL, CONFIG, workdir=work)
+    assert rest.resumed_from == 3 and rest.losses.shape == (1,)
+
+
 _TWO_DEVICES = """
 import json, sys
 import jax

@@ -9,8 +9,12 @@ sets `func(args) -> int`; `func` converts the arguments and calls one library fu
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
+import signal
 import sys
+import threading
+from collections.abc import Iterator
 
 # command name -> module exposing `register(subparsers)`
 COMMANDS: dict[str, str] = {
@@ -49,6 +53,21 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+@contextlib.contextmanager
+def _sigterm_interrupts() -> Iterator[None]:
+    """SIGTERM (``kill``, a scheduler's pre-emption) stops a command as Ctrl-C does, so its
+    finished outputs are kept (``train`` checkpoints its last step). A nohup'd background job
+    ignores SIGINT; SIGTERM is how it is stopped. The previous handler is restored."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, signal.default_int_handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the console script; returns the process exit status."""
     from reddiff_jax import sharding
@@ -56,7 +75,8 @@ def main(argv: list[str] | None = None) -> int:
     sharding.use_cpu_cores()  # one CPU device per core, before any JAX work (no-op on GPU/TPU)
     args = build_parser().parse_args(argv)
     try:
-        return int(args.func(args) or 0)
+        with _sigterm_interrupts():
+            return int(args.func(args) or 0)
     except (ValueError, FileNotFoundError, FileExistsError) as err:
         print(f"reddiff-jax {args.command}: error: {err}", file=sys.stderr)
         return 2
