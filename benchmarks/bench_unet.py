@@ -20,7 +20,9 @@ Prints, in one run and per batch size (``--batch 1,8,32``):
   a while after each call, which would slow torch's OpenMP threads on a small machine);
 * with more than one local device (one CPU device per core: the script calls
   ``sharding.use_cpu_cores()`` as the command line does): the forward and forward+VJP with the
-  batch sharded over them (variant ``shardedN``);
+  batch sharded over them (variant ``shardedN``); and, where ``solve`` micro-batches by default
+  (CPU, 8 or more images a device), the forward as it runs there (variant ``microR``: a
+  ``lax.map`` over strided chunks of R images a device, ``reddiff_jax.solvers._microbatch``);
 * with ``--conv-variants``: the 3x3 convolution as NHWC/HWIO (the UNet's), NCHW/OIHW with
   transposes, and im2col + matmul;
 * with ``--flags-sweep``: the whole forward re-measured in child processes under each XLA CPU
@@ -59,6 +61,7 @@ import numpy as np
 
 from reddiff_jax import sharding, unet
 from reddiff_jax.model import ScoreModel
+from reddiff_jax.solvers import _microbatch
 from reddiff_jax.unet import UNet, UNetConfig, get_preset
 
 if __name__ == "__main__":  # before any JAX work: one CPU device per core, as the CLI does
@@ -329,7 +332,7 @@ def _network_variants(
     rows: dict[str, dict[str, Call]] = {"forward": {}, "forward+vjp": {}}
     for name, call in compile_both().items():
         rows[name]["new"] = call
-    ndev = jax.local_device_count()
+    ndev, mesh, m_r = jax.local_device_count(), None, model
     if ndev > 1 and batch % ndev == 0:  # the batch sharded over one CPU device per core
         mesh = sharding.data_mesh(ndev)
         bat, rep = sharding.batch_sharding(mesh), sharding.replicated(mesh)
@@ -338,6 +341,14 @@ def _network_variants(
         for name, call in compile_both().items():
             args = (m_r, x, t) if name == "forward" else (m_r, x, t, ct)
             rows[name][f"sharded{ndev}"] = _compile(call.fn, *args)
+    devices = 1 if mesh is None else ndev
+    micro = _microbatch.auto_rows(batch, devices, jax.default_backend())
+    if micro:  # the forward as solve() runs it for RED-Diff: strided chunks of `micro` a device
+
+        def forward_micro(m: ScoreModel, x: jax.Array, t: jax.Array) -> jax.Array:
+            return _microbatch.microbatched(m.apply, micro, devices, mesh)(x, t)
+
+        rows["forward"][f"micro{micro}"] = _compile(forward_micro, m_r, x, t)
     if compare_old:
         with old_layers():
             for name, call in compile_both().items():
@@ -600,11 +611,15 @@ def print_rows(rows: list[dict[str, Any]], peak: float) -> None:
     fwd = [r for r in rows if r["kind"] == "forward"]
     for r in fwd:
         sharded = [k[:-7] for k in r if k.startswith("sharded") and k.endswith("_gflops")]
+        micro = [k[:-7] for k in r if k.startswith("micro") and k.endswith("_gflops")]
         print(
             f"whole forward, batch {r['batch']}: {r['new_gflops']:.1f} GF/s = "
             f"{r['new_gflops'] / peak:.2f} of the 2048^2 matmul's {peak:.1f} GF/s"
             + (f" (old: {r['old_gflops'] / peak:.2f})" if "old_gflops" in r else "")
             + "".join(f"; {k[7:]} devices: {r[k + '_gflops'] / peak:.2f}" for k in sharded)
+            + "".join(
+                f"; micro-batched by {k[5:]} a device: {r[k + '_gflops'] / peak:.2f}" for k in micro
+            )  # fmt: skip
         )
 
 

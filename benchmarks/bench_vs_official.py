@@ -49,7 +49,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_unet  # noqa: E402
 
 from reddiff_jax import diffusion, operators  # noqa: E402
-from reddiff_jax.solvers import DPSConfig, RedDiffConfig, solve  # noqa: E402
+from reddiff_jax.solvers import DPSConfig, RedDiffConfig, _microbatch, registry, solve  # noqa: E402
 
 FACTOR = 4  # sr4
 LAM, LR, ZETA = 0.25, 0.1, 1.0  # official RED-Diff defaults; DPS's sr4 script value
@@ -71,8 +71,11 @@ def _median_s(fn: Callable[[], Any], repeats: int) -> float:
 # --------------------------------------------------------------------------------------
 
 
-def jax_solver(algo: str, steps: int, devices: int) -> Callable[[Any, Any, Any, Any], Any]:
-    """``run(model, op, y, key)``: the reddiff-jax solve, sharded over ``devices`` devices."""
+def jax_solver(
+    algo: str, steps: int, devices: int, micro_batch: int | None = None
+) -> Callable[[Any, Any, Any, Any], Any]:
+    """``run(model, op, y, key)``: the reddiff-jax solve, sharded over ``devices`` devices
+    (``micro_batch``: that of :func:`reddiff_jax.solvers.solve`; None: its default)."""
     config = (
         RedDiffConfig(num_steps=steps, lam=LAM, lr=LR)
         if algo == "reddiff"
@@ -81,7 +84,7 @@ def jax_solver(algo: str, steps: int, devices: int) -> Callable[[Any, Any, Any, 
     mesh = sharding.data_mesh(devices) if devices > 1 else None
 
     def run(model, op, y, key):
-        return solve(config, model.eps, op, y, key, mesh=mesh).x
+        return solve(config, model.eps, op, y, key, mesh=mesh, micro_batch=micro_batch).x
 
     return run
 
@@ -182,9 +185,21 @@ def jax_rows(args: argparse.Namespace) -> list[dict[str, Any]]:
             y = jnp.asarray(measurements(op, b, size, ch))
             key = jax.random.key(0)
             t = _median_s(lambda run=run, y=y, key=key: run(model, op, y, key), args.repeats)
-            rows.append({"algo": algo, "batch": b, "steps": args.steps, "ours_s": t,
-                         "ours_devices": devices})  # fmt: skip
+            row = {"algo": algo, "batch": b, "steps": args.steps, "ours_s": t,
+                   "ours_devices": devices, "ours_micro": auto_rows(algo, b, devices)}  # fmt: skip
+            if row["ours_micro"]:  # the same solve without micro-batching, for the ratio
+                whole = jax_solver(algo, args.steps, devices, micro_batch=0)
+                row["ours_whole_s"] = _median_s(
+                    lambda run=whole, y=y, key=key: run(model, op, y, key), args.repeats
+                )
+            rows.append(row)
     return rows
+
+
+def auto_rows(algo: str, batch: int, devices: int) -> int:
+    """The images per device per network call that ``solve`` picks by default (0: whole)."""
+    backend, backprop = jax.default_backend(), registry.get(algo).backprop
+    return _microbatch.auto_rows(batch, devices, backend, backprop=backprop)
 
 
 def measurements(op: Any, batch: int, size: int, ch: int) -> np.ndarray:
@@ -251,6 +266,13 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
         print(f"{r['algo']:8} {r['batch']:5d} {r['official_s']:11.3f} {r['ours_s']:8.3f} "
               f"{r['ours_devices']:7d} {r['official_over_ours']:13.2f} {r['ours_1dev_s']:11.3f} "
               f"{r['official_over_ours_1dev']:13.2f}")  # fmt: skip
+    chunked = [r for r in rows if r["ours_micro"]]
+    if chunked:
+        print("\nmicro-batching (solve's default on CPU): ours with it / without it")
+        for r in chunked:
+            print(f"{r['algo']:8} {r['batch']:5d}  {r['ours_micro']} images/device/call: "
+                  f"{r['ours_s']:.3f} s vs {r['ours_whole_s']:.3f} s whole batch "
+                  f"(x{r['ours_whole_s'] / r['ours_s']:.2f})")  # fmt: skip
     if args.json:
         args.json.write_text(json.dumps(rows, indent=1))
     return rows

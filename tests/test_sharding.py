@@ -160,6 +160,16 @@ _EIGHT = textwrap.dedent(
                      "state": err(a.state, b.state), "shape": list(b.x.shape)}
     driver._chunk_jit = real
 
+    # 64 images, 8 a device: the default micro-batching (CPU) runs 2 strided chunks of 4 a device
+    X64 = np.random.default_rng(3).uniform(-1, 1, (64, *SHAPE)).astype(np.float32)
+    Y64 = jnp.asarray(X64) * OP.mask
+    cfg = RedDiffConfig(num_steps=10, lr=0.2, reduction="image_mean")
+    a = solve(cfg, toy_eps, OP, Y64, key, micro_batch=0)
+    seen = []
+    b = solve(cfg, lambda x, t: seen.append(x.shape[0]) or toy_eps(x, t), OP, Y64, key, mesh=mesh)
+    out["micro"] = {"x": err(a.x, b.x), "info": err(a.info, b.info), "calls": sorted(set(seen)),
+                    "spec": str(b.x.sharding.spec)}
+
     # solve_many over 16 measurements: own masks (per-image operator leaves) and a lam sweep
     masks = jnp.asarray(np.random.default_rng(2).uniform(size=(16, *SHAPE)) > 0.3, jnp.float32)
     ops = type(OP)(masks)
@@ -202,6 +212,9 @@ def test_eight_devices_equal_one():
         assert out[f"many{m}"]["shape"] == [m, *SHAPE]
         assert out[f"many{m}"]["x"] <= 1e-6 and out[f"many{m}"]["info"] <= 1e-6, out
     assert out["many16"]["spec"] == "P('data',)"  # the result stays sharded
+    micro = out["micro"]  # network calls on 32 images (4 of each device's 8) at a time
+    assert micro["x"] <= 1e-6 and micro["info"] <= 1e-6 and micro["calls"] == [32], micro
+    assert micro["spec"] == "P('data',)"
     hlo = out["hlo"]
     assert hlo["while"] >= 1 and hlo["callback"] == 0 and hlo["partitions"] >= 1, hlo
     assert out["probe_callback"] > 0  # the check would see a host callback

@@ -35,7 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from reddiff_jax import sharding as sharding_lib
-from reddiff_jax.solvers import _scan_convs, registry
+from reddiff_jax.solvers import _microbatch, _scan_convs, registry
 from reddiff_jax.solvers.base import (
     SolveError,
     SolverConfig,
@@ -101,6 +101,7 @@ class _Statics(NamedTuple):
     mesh: Any = None  # a Mesh: batch-leading arrays are constrained to P("data")
     key_impl: str | None = None  # the key arrives as raw data of this PRNG impl (across hosts)
     unmean: bool = False  # RED-Diff batch_mean solved as image_mean with weights / batch
+    micro: int = 0  # eps_fn as a lax.map over chunks of this many images per device (0: off)
 
 
 class _Carry(NamedTuple):
@@ -111,6 +112,10 @@ class _Carry(NamedTuple):
 
 def _build(statics: _Statics, dyn: dict):
     eps_fn = merge_static(statics.eps, dyn["eps"])
+    if statics.micro:
+        mesh = statics.mesh
+        devices = 1 if mesh is None else sharding_lib.data_size(mesh)
+        eps_fn = _microbatch.microbatched(eps_fn, statics.micro, devices, mesh)
     op = None if statics.op is None else merge_static(statics.op, dyn["op"])
     return statics.config.build(eps_fn, op, alphas_cumprod=dyn["alphas"])
 
@@ -443,6 +448,18 @@ def _exclude_padding(config: SolverConfig, hyper: dict, batch: int):
     return dataclasses.replace(config, reduction="image_mean"), scaled, True
 
 
+def _with_micro(statics: _Statics, micro_batch: int | None) -> _Statics:
+    """Sets how many images per device each network call runs at once (see _microbatch)."""
+    mesh, size = statics.mesh, statics.x_shape[0]
+    devices = 1 if mesh is None else sharding_lib.data_size(mesh)
+    if micro_batch is None:
+        backend = jax.default_backend() if mesh is None else mesh.devices.flat[0].platform
+        backprop = registry.lookup(statics.config).backprop
+        rows = _microbatch.auto_rows(size, devices, backend, backprop=backprop)
+        return statics._replace(micro=rows)
+    return statics._replace(micro=_microbatch.check_rows(micro_batch, size, devices))
+
+
 def _max_abs(max_abs: float | None) -> Array:
     if max_abs is None:
         return jnp.asarray(jnp.inf, jnp.float32)
@@ -542,6 +559,7 @@ def solve(
     max_abs: float | None = MAX_ABS,
     remat: bool = False,
     mesh: Any = None,
+    micro_batch: int | None = None,
 ) -> Solution:
     """Solves the inverse problem ``y = A(x) + noise`` for a batch with the algorithm ``config``.
 
@@ -578,6 +596,13 @@ def solve(
         (padded to a multiple of its size; the padding is dropped from the result and never
         enters RED-Diff's ``batch_mean``), everything else is replicated. ``y`` may be a
         global array spanning processes (``reddiff_jax.sharding.global_batch``).
+      micro_batch: images per device per network call: the batch's ``eps_fn`` calls run as a
+        ``lax.map`` over strided chunks (it must act per image, as the ADM UNet does). None
+        (default): 4 on the CPU backend, for an algorithm without a network VJP (not DPS,
+        ΠGDM), when every device holds 8 or more images in multiples of 4 (faster there:
+        activations stay in cache), else off; 0: off; an int: that many
+        (a divisor of each device's share of the padded batch). Results are unchanged up to
+        float rounding.
 
     Returns:
       A :class:`Solution`; ``solution.x`` [B, H, W, C] is the restored batch.
@@ -597,6 +622,7 @@ def solve(
         statics, dyn, y, hyper, key, noise = _shard_solve(
             statics, config, mesh, dyn, y, hyper, key, noise
         )
+    statics = _with_micro(statics, micro_batch)
     sol = _run(statics, dyn, y, hyper, key, noise, progress)
     if throw:
         _check_solution(config, sol, "image")
@@ -616,11 +642,12 @@ def sample(
     throw: bool = True,
     max_abs: float | None = MAX_ABS,
     mesh: Any = None,
+    micro_batch: int | None = None,
 ) -> Solution:
     """Draws ``B`` images from the prior with an unconditional algorithm (:class:`DDIMConfig`).
 
-    ``shape`` is (B, H, W, C); the other arguments (``key``: one, or B keys) are those of
-    :func:`solve`.
+    ``shape`` is (B, H, W, C); the other arguments (``key``: one, or B keys; ``micro_batch``)
+    are those of :func:`solve`.
     """
     config = _check_config(config)
     if registry.lookup(config).conditional:
@@ -641,6 +668,7 @@ def sample(
         statics, dyn, _, hyper, key, noise = _shard_solve(
             statics, config, mesh, dyn, None, hyper, key, noise
         )
+    statics = _with_micro(statics, micro_batch)
     sol = _run(statics, dyn, None, hyper, key, noise, progress)
     if throw:
         _check_solution(config, sol, "sample")
