@@ -31,7 +31,7 @@ if __name__ == "__main__":  # before any JAX work: one CPU device per core, as t
 
 import numpy as np  # noqa: E402
 
-from reddiff_jax import imageio, train  # noqa: E402
+from reddiff_jax import assets, imageio, train  # noqa: E402
 from reddiff_jax.model import load_pretrained, read_metadata  # noqa: E402
 from reddiff_jax.sample_quality import sample_quality  # noqa: E402
 
@@ -88,6 +88,7 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=50)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--train-data", default=str(ROOT / "data" / "mnist32.npz"))
+    p.add_argument("--heldout", default=None, help="held-out digits (default MODEL/heldout.npz)")
     p.add_argument("--out", default=None, help="JSON (default MODEL/quality.json)")
     p.add_argument("--card", default=None, help="model card (default MODEL/README.md)")
     args = p.parse_args()
@@ -96,7 +97,10 @@ def main() -> None:
     start = time.perf_counter()
     samples = draw(jax.random.key(args.seed), model, args.num, args.batch, args.steps)
     seconds = time.perf_counter() - start
-    with np.load(model_dir / "heldout.npz") as d:
+    heldout = Path(args.heldout) if args.heldout else model_dir / "heldout.npz"
+    if not heldout.exists() and not args.heldout:  # a fresh export: the embedded digits
+        heldout = assets.default_heldout_path()
+    with np.load(heldout) as d:
         reference = np.asarray(d["images"])
     with np.load(args.train_data) as d:  # as many training digits as samples: the same FD bias
         floor = np.asarray(d["images"])[: args.num]
