@@ -209,15 +209,12 @@ class RedDiffConfig(SolverConfig):
     def admitting(self, hyper: Mapping[str, Any]) -> RedDiffConfig:
         """With per-measurement ``sigma_x0`` values > 0 and ``self.sigma_x0 == 0``, the config
         with the jitter switched on (a value of 0 then jitters by 0): whether a step draws ε_0
-        is static, and a solve_many sweep over ``sigma_x0`` would otherwise ignore it."""
+        is static, and a solve_many sweep over ``sigma_x0`` would otherwise ignore it. Traced
+        values (under an outer ``jit``/``grad``) cannot switch it: there the config's own
+        ``sigma_x0 > 0`` decides, as documented for :class:`RedDiffConfig`."""
         v = hyper.get("sigma_x0")
-        if v is None or self.uses_x0_noise:
+        if v is None or self.uses_x0_noise or not is_concrete(v):
             return self
-        if not is_concrete(v):
-            raise TypeError(
-                "hyper['sigma_x0']: traced values need RedDiffConfig(sigma_x0 > 0), which "
-                "switches the per-step jitter draw on"
-            )
         top = float(np.max(np.asarray(v)))
         return dataclasses.replace(self, sigma_x0=top) if top > 0 else self
 
