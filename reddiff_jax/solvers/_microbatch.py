@@ -2,11 +2,11 @@
 
 Why. On XLA CPU the UNet's activations for a device's whole share of a large batch (16 images
 of 32x32x64 floats per layer and more) do not stay in cache between its convolutions, norms and
-attention; run four images at a time they do, and the batch-32 forward over 2 CPU devices drops
-from ~258 to ~225 ms, and a RED-Diff solve at batch 32 runs 1.43x faster
-(``benchmarks/bench_vs_official.py``). Under a VJP of the network (DPS, ΠGDM) the map's backward
-pass loses what the forward gains (0.94x), and on GPU/TPU a larger batch is always better, so
-:func:`auto_rows` selects it for forward-only algorithms on the CPU backend only.
+attention; run four images at a time they do: a RED-Diff solve at batch 32 over 2 CPU devices
+ran 1.43x faster (``benchmarks/bench_vs_official.py``, which times both in one run). Under a
+VJP of the network (DPS, ΠGDM) the map's backward pass loses what the forward gains (0.94x),
+and on GPU/TPU a larger batch is always better, so :func:`auto_rows` selects it for
+forward-only algorithms on the CPU backend only.
 
 Layout. A batch sharded over D devices holds rows ``[d * B/D, (d+1) * B/D)`` on device d. The
 chunks are strided: with ``n = B / (rows * D)`` chunks, chunk i holds the rows ``j * n + i``

@@ -113,11 +113,15 @@ class _Carry(NamedTuple):
 def _build(statics: _Statics, dyn: dict):
     eps_fn = merge_static(statics.eps, dyn["eps"])
     if statics.micro:
-        mesh = statics.mesh
-        devices = 1 if mesh is None else sharding_lib.data_size(mesh)
-        eps_fn = _microbatch.microbatched(eps_fn, statics.micro, devices, mesh)
+        eps_fn = _microbatch.microbatched(eps_fn, statics.micro, _data_devices(statics),
+                                          statics.mesh)  # fmt: skip
     op = None if statics.op is None else merge_static(statics.op, dyn["op"])
     return statics.config.build(eps_fn, op, alphas_cumprod=dyn["alphas"])
+
+
+def _data_devices(statics: _Statics) -> int:
+    """The number of shards of the batch (1 without a mesh)."""
+    return 1 if statics.mesh is None else sharding_lib.data_size(statics.mesh)
 
 
 def _real_batch(statics: _Statics) -> int:
@@ -450,8 +454,7 @@ def _exclude_padding(config: SolverConfig, hyper: dict, batch: int):
 
 def _with_micro(statics: _Statics, micro_batch: int | None) -> _Statics:
     """Sets how many images per device each network call runs at once (see _microbatch)."""
-    mesh, size = statics.mesh, statics.x_shape[0]
-    devices = 1 if mesh is None else sharding_lib.data_size(mesh)
+    mesh, size, devices = statics.mesh, statics.x_shape[0], _data_devices(statics)
     if micro_batch is None:
         backend = jax.default_backend() if mesh is None else mesh.devices.flat[0].platform
         backprop = registry.lookup(statics.config).backprop
