@@ -34,9 +34,9 @@ import jax
 import jax.numpy as jnp
 
 from reddiff_jax import diffusion, operators, solvers
-from reddiff_jax.model import ScoreModel
+from reddiff_jax.model import ScoreModel, init_params
 from reddiff_jax.solvers import _scan_convs
-from reddiff_jax.unet import UNet, UNetConfig, get_preset
+from reddiff_jax.unet import UNetConfig, get_preset
 
 ROOT = Path(__file__).resolve().parents[1]
 FIXTURE_DIRS = [ROOT / "tests/fixtures/guided_diffusion"]
@@ -52,10 +52,7 @@ def _model() -> tuple[ScoreModel, str]:
             params = convert_state_dict(read_state_dict(d / "tiny_imagenet_like.pt"), config)
             return ScoreModel(config, jax.tree.map(jnp.asarray, params)), "tiny_imagenet_like"
     config = get_preset("tiny")
-    s = config.image_size
-    x = jnp.zeros((1, s, s, config.in_channels), jnp.float32)
-    t = jnp.zeros((1,), jnp.int32)
-    params = jax.jit(lambda k: UNet(config).init(k, x, t)["params"])(jax.random.key(0))
+    params = init_params(jax.random.key(0), config)
     return ScoreModel(config, params), "tiny preset (random weights)"
 
 

@@ -27,9 +27,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from reddiff_jax import operators
-from reddiff_jax.model import ScoreModel
+from reddiff_jax.model import ScoreModel, init_params
 from reddiff_jax.solvers import RedDiffConfig, solve, solve_many
-from reddiff_jax.unet import UNet, UNetConfig, get_preset
+from reddiff_jax.unet import UNetConfig, get_preset
 
 GUIDED = Path(__file__).resolve().parents[1] / "tests" / "fixtures" / "guided_diffusion"
 
@@ -46,10 +46,7 @@ def _model(size: int, dtype: str) -> tuple[ScoreModel, str]:
     config = get_preset(name)
     if dtype != "float32":
         config = UNetConfig.from_dict({**config.to_dict(), "dtype": dtype})
-    s = config.image_size
-    x = jnp.zeros((1, s, s, config.in_channels), jnp.float32)
-    t = jnp.zeros((1,), jnp.int32)
-    params = jax.jit(lambda k: UNet(config).init(k, x, t)["params"])(jax.random.key(0))
+    params = init_params(jax.random.key(0), config)
     return ScoreModel(config, params), f"{name} (random weights)"
 
 

@@ -60,9 +60,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from reddiff_jax import sharding, unet
-from reddiff_jax.model import ScoreModel
+from reddiff_jax.model import ScoreModel, init_params
 from reddiff_jax.solvers import _microbatch
-from reddiff_jax.unet import UNet, UNetConfig, get_preset
+from reddiff_jax.unet import UNetConfig, get_preset
 
 if __name__ == "__main__":  # before any JAX work: one CPU device per core, as the CLI does
     sharding.use_cpu_cores()
@@ -236,10 +236,7 @@ def load_model(name: str) -> tuple[ScoreModel, str]:
         params = convert_state_dict(read_state_dict(d / f"{_FIXTURE}.pt"), config)
         return ScoreModel(config, jax.tree.map(jnp.asarray, params)), f"{_FIXTURE} (fixture)"
     config = get_preset("tiny")
-    s = config.image_size
-    x = jnp.zeros((1, s, s, config.in_channels), jnp.float32)
-    t = jnp.zeros((1,), jnp.int32)
-    params = jax.jit(lambda k: UNet(config).init(k, x, t)["params"])(jax.random.key(0))
+    params = init_params(jax.random.key(0), config)
     return ScoreModel(config, params), "tiny preset (random weights)"
 
 

@@ -41,8 +41,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from reddiff_jax import operators, solvers
-from reddiff_jax.model import ScoreModel
-from reddiff_jax.unet import UNet, UNetConfig, get_preset
+from reddiff_jax.model import ScoreModel, init_params
+from reddiff_jax.unet import UNetConfig, get_preset
 
 PARTS = ("peak", "forward", "reddiff_step", "dps", "many")
 PRECISIONS = ("float32", "tf32", "bfloat16")
@@ -136,10 +136,7 @@ def peak_bytes() -> int | None:
 
 
 def random_model(config: UNetConfig) -> ScoreModel:
-    s = config.image_size
-    x = jnp.zeros((1, s, s, config.in_channels), jnp.float32)
-    t = jnp.zeros((1,), jnp.int32)
-    params = jax.jit(lambda k: UNet(config).init(k, x, t)["params"])(jax.random.key(0))
+    params = init_params(jax.random.key(0), config)
     return ScoreModel(config, params)
 
 
