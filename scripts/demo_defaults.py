@@ -6,7 +6,7 @@ settings) on the first ``--n`` held-out digits and prints the pseudo-inverse sta
 restoration's mean PSNR and digit accuracy, and whether each improved. Outputs go to
 ``--out/<task>/``. Usage::
 
-    python scripts/demo_defaults.py [--n 16] [--out outputs/demo_defaults] [--json FILE]
+    python scripts/demo_defaults.py [--n 64] [--out outputs/demo_defaults] [--json FILE]
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from reddiff_jax import restore as restore_lib  # noqa: E402
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--n", type=int, default=16)
+    p.add_argument("--n", type=int, default=64)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=Path("outputs/demo_defaults"))
     p.add_argument("--json", type=Path, default=None)
