@@ -3,8 +3,10 @@
 Prints, in one run and per batch size (``--batch 1,8,32``):
 
 * per layer kind -- a 3x3 convolution at each width, GroupNorm+SiLU at each width, the
-  attention core (packed qkv -> softmax(q k^T / sqrt(ch)) v) at each attention resolution --
-  and for the whole forward and the forward + input VJP (what DPS differentiates): the median
+  attention core (packed qkv -> softmax(q k^T / sqrt(ch)) v) at each attention resolution,
+  alone and with its VJP (variant ``query_major``: differentiated without the key-major rule of
+  ``reddiff_jax.attention``) -- and for the whole forward and the forward + input VJP (what
+  DPS differentiates): the median
   time, the GFLOP/s achieved (FLOPs from XLA's ``cost_analysis`` of the compiled call), the
   GFLOP/s of a jitted square matmul of about the same FLOPs measured in the same run, and the
   fraction of it reached;
@@ -59,7 +61,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from reddiff_jax import sharding, unet
+from reddiff_jax import attention, sharding, unet
 from reddiff_jax.model import ScoreModel, init_params
 from reddiff_jax.solvers import _microbatch
 from reddiff_jax.unet import UNetConfig, get_preset
@@ -244,7 +246,7 @@ def load_model(name: str) -> tuple[ScoreModel, str]:
 class Layer:
     """One benchmarked layer: kind, a label, and its input shapes (NHWC)."""
 
-    kind: str  # "conv3x3" | "gn_silu" | "attention"
+    kind: str  # "conv3x3" | "gn_silu" | "attention" | "attention+vjp"
     label: str
     shape: tuple[int, ...]  # conv/gn: [N, H, W, C]; attention: [N, T, 3C]
     out: int = 0  # conv: output channels
@@ -270,7 +272,9 @@ def layer_inventory(config: UNetConfig, batch: int) -> list[Layer]:
                 else width // config.num_head_channels
             )
             label = f"attention {res}x{res} C={width} heads={heads}"
-            layers.append(Layer("attention", label, (batch, res * res, 3 * width), heads=heads))
+            qkv = (batch, res * res, 3 * width)
+            layers.append(Layer("attention", label, qkv, heads=heads))
+            layers.append(Layer("attention+vjp", f"{label} +VJP", qkv, heads=heads))
     return layers
 
 
@@ -294,10 +298,41 @@ def _jax_variants(layer: Layer, compare_old: bool, conv_variants: bool) -> dict[
             out["old"] = (lambda x, s, b: old_group_norm(x, s, b, silu=True), (x, scale, bias))
         return out
     heads = layer.heads
+    if layer.kind == "attention+vjp":  # what DPS differentiates; variant: no key-major rule
+
+        def query_major(q: jax.Array) -> jax.Array:
+            with query_major_vjp():  # active while jit traces it
+                return unet.qkv_attention(q, heads, False)
+
+        out = {"new": (_with_vjp(lambda q: unet.qkv_attention(q, heads, False)), (x,))}
+        out["query_major"] = (_with_vjp(query_major), (x,))
+        return out
     out = {"new": (lambda q: unet.qkv_attention(q, heads, False), (x,))}
     if compare_old:
         out["old"] = (lambda q: old_qkv_attention(q, heads, False), (x,))
     return out
+
+
+def _with_vjp(fn: Callable[[jax.Array], jax.Array]) -> Callable[[jax.Array], Any]:
+    """``x -> (fn(x), VJP of fn at x applied to fn(x))``: a forward and its backward pass."""
+
+    def run(x: jax.Array) -> Any:
+        out, pull = jax.vjp(fn, x)
+        return out, pull(out)[0]
+
+    return run
+
+
+@contextlib.contextmanager
+def query_major_vjp() -> Iterator[None]:
+    """Differentiates the attention core in its plain (query-major) form while tracing: the
+    formulation before ``reddiff_jax.attention`` gave it a key-major derivative rule."""
+    saved = attention.softmax_attention
+    attention.softmax_attention = attention._query_major
+    try:
+        yield
+    finally:
+        attention.softmax_attention = saved
 
 
 def _network_variants(
@@ -363,16 +398,24 @@ def _torch_layer(layer: Layer) -> Callable[[], Any]:
     import torch.nn.functional as F  # noqa: N812
 
     g = torch.Generator().manual_seed(0)
-    if layer.kind == "attention":
+    if layer.kind in ("attention", "attention+vjp"):
         n, t, c3 = layer.shape
         qkv = torch.randn(n, c3, t, generator=g)  # torch layout [N, 3C, T]
         heads, ch = layer.heads, c3 // 3 // layer.heads
 
-        def attn() -> Any:
+        def attn(qkv: Any = qkv) -> Any:
             q, k, v = qkv.reshape(n, heads, 3, ch, t).permute(2, 0, 1, 4, 3).unbind(0)
             return F.scaled_dot_product_attention(q, k, v).permute(0, 1, 3, 2).reshape(n, -1, t)
 
-        return attn
+        if layer.kind == "attention":
+            return torch.no_grad()(attn)
+        leaf = qkv.clone().requires_grad_(True)
+
+        def attn_vjp() -> Any:
+            out = attn(leaf)
+            return torch.autograd.grad(out, leaf, out)
+
+        return attn_vjp
     n, h, w, c = layer.shape
     x = torch.randn(n, c, h, w, generator=g)
     if layer.kind == "conv3x3":

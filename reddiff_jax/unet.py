@@ -31,6 +31,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from reddiff_jax import attention
+
 # Default channel multipliers per image size, as guided-diffusion's `create_model`.
 _DEFAULT_CHANNEL_MULT: dict[int, tuple[float, ...]] = {
     512: (0.5, 1, 1, 2, 2, 4, 4),
@@ -345,7 +347,8 @@ def qkv_attention(qkv: jax.Array, heads: int, use_new_attention_order: bool) -> 
     softmax over keys runs in `accumulation_dtype(qkv.dtype)` (float32, or float64 for float64
     qkv); the output is in qkv.dtype. q, k and v are first laid out heads-major
     [N, heads, T, ch] so that both products are plain batched matmuls (batch dims leading,
-    contraction on the minor dim), which XLA lowers to its fast GEMM on every backend.
+    contraction on the minor dim), which XLA lowers to its fast GEMM on every backend; the core
+    is `attention.softmax_attention` (a faster layout of its own under differentiation).
     """
     n, t, c3 = qkv.shape
     ch = c3 // (3 * heads)
@@ -355,10 +358,7 @@ def qkv_attention(qkv: jax.Array, heads: int, use_new_attention_order: bool) -> 
         qkv = qkv.reshape(n, t, heads, 3, ch).transpose(3, 0, 2, 1, 4)
     q, k, v = qkv[0], qkv[1], qkv[2]  # [N, heads, T, ch]
     scale = 1.0 / math.sqrt(math.sqrt(ch))  # on both q and k, as upstream
-    logits = jnp.einsum("nhtc,nhsc->nhts", q * scale, k * scale)
-    weights = jax.nn.softmax(logits.astype(accumulation_dtype(qkv.dtype)), axis=-1)
-    weights = weights.astype(v.dtype)
-    a = jnp.einsum("nhts,nhsc->nhtc", weights, v)
+    a = attention.softmax_attention(q * scale, k * scale, v)
     return a.transpose(0, 2, 1, 3).reshape(n, t, heads * ch)
 
 

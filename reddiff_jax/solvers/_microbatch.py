@@ -3,10 +3,15 @@
 Why. On XLA CPU the UNet's activations for a device's whole share of a large batch (16 images
 of 32x32x64 floats per layer and more) do not stay in cache between its convolutions, norms and
 attention; run four images at a time they do: a RED-Diff solve at batch 32 over 2 CPU devices
-ran 1.43x faster (``benchmarks/bench_vs_official.py``, which times both in one run). Under a
-VJP of the network (DPS, ΠGDM) the map's backward pass loses what the forward gains (0.94x),
-and on GPU/TPU a larger batch is always better, so :func:`auto_rows` selects it for
-forward-only algorithms on the CPU backend only.
+ran 1.43x faster (``benchmarks/bench_vs_official.py``, which times both in one run). On GPU/TPU
+a larger batch is always better, so :func:`auto_rows` selects it for forward-only algorithms on
+the CPU backend only.
+
+Algorithms that differentiate the network (DPS, ΠGDM) call :func:`map_chunks`: each chunk's
+forward and VJP run together inside the map, so only one chunk's activations are live at a
+time. That lowers the temporary memory of a DPS solve at batch 32 (fixture UNet) from 414 MiB to
+57 MiB at 4 images a chunk, but on this CPU it is no faster (5.73-6.04 s vs 5.91 s for 10
+steps, one run), so it runs only when ``micro_batch`` asks for it.
 
 Layout. A batch sharded over D devices holds rows ``[d * B/D, (d+1) * B/D)`` on device d. The
 chunks are strided: with ``n = B / (rows * D)`` chunks, chunk i holds the rows ``j * n + i``
@@ -24,8 +29,9 @@ import jax
 import jax.numpy as jnp
 
 from reddiff_jax import sharding as sharding_lib
+from reddiff_jax.solvers import _scan_convs
 
-__all__ = ["ROWS", "auto_rows", "microbatched"]
+__all__ = ["ROWS", "Microbatched", "auto_rows", "map_chunks", "microbatched"]
 
 ROWS = 4  # images per device per chunk on XLA CPU (measured: benchmarks/bench_vs_official.py)
 
@@ -55,12 +61,58 @@ def check_rows(rows: Any, batch: int, devices: int) -> int:
     return rows
 
 
+class Microbatched:
+    """``eps_fn`` run as ``lax.map`` over strided chunks of ``rows * devices`` images.
+
+    Calling it is calling ``eps_fn`` on the whole batch (same result up to float rounding);
+    :meth:`map` runs a per-image computation around the network (a VJP through it) chunk by
+    chunk, so a chunk's forward and backward pass run back to back while its activations are
+    in cache. Build it with :func:`microbatched`.
+    """
+
+    def __init__(self, eps_fn: Callable, rows: int, devices: int = 1, mesh: Any = None):
+        self.inner, self.chunk, self.mesh = eps_fn, rows * devices, mesh
+
+    def _pin(self, v: jax.Array) -> jax.Array:  # [n, chunk, ...]: the chunk axis over devices
+        if self.mesh is None:
+            return v
+        return jax.lax.with_sharding_constraint(v, sharding_lib.batch_sharding(self.mesh, axis=1))
+
+    def _split(self, v: jax.Array, n: int) -> jax.Array:  # [B, ...] -> [n, chunk, ...]
+        return self._pin(jnp.swapaxes(v.reshape(self.chunk, n, *v.shape[1:]), 0, 1))
+
+    def _join(self, v: jax.Array) -> jax.Array:  # [n, chunk, ...] -> [B, ...]
+        v = jnp.swapaxes(self._pin(v), 0, 1)
+        return v.reshape(v.shape[0] * v.shape[1], *v.shape[2:])
+
+    def map(self, f: Callable[..., Any], *batched: jax.Array) -> Any:
+        """``f(self.inner, *batched)`` computed chunk by chunk (chunk i: rows ``j * n + i``).
+
+        ``f`` must act per image (row b of every output depends on row b of the inputs only);
+        every input and output leaf leads with the batch axis [B, ...]. The loop body's
+        convolutions are made canonical (see ``_scan_convs``), the input-gradient ones of a
+        VJP inside ``f`` included. A batch of at most one chunk, or one the chunk does not
+        divide, is computed whole.
+        """
+        batch = batched[0].shape[0]
+        if batch <= self.chunk or batch % self.chunk:
+            return f(self.inner, *batched)
+        n = batch // self.chunk
+        body = _scan_convs.canonicalize_convs(lambda xs: f(self.inner, *xs))
+        out = jax.lax.map(body, tuple(self._split(v, n) for v in batched))
+        return jax.tree.map(self._join, out)
+
+    def __call__(self, x: jax.Array, t: jax.Array) -> jax.Array:
+        t = jnp.broadcast_to(t, x.shape[:1])
+        return self.map(lambda eps_fn, xb, tb: eps_fn(xb, tb), x, t)
+
+
 def microbatched(
     eps_fn: Callable[[jax.Array, jax.Array], jax.Array],
     rows: int,
     devices: int = 1,
     mesh: Any = None,
-) -> Callable[[jax.Array, jax.Array], jax.Array]:
+) -> Microbatched:
     """``eps_fn`` run as ``lax.map`` over strided chunks of ``rows * devices`` images.
 
     Args:
@@ -69,24 +121,16 @@ def microbatched(
       devices: the size of the data axis the batch is sharded over.
       mesh: that mesh (its chunk axis is pinned to the data axis), or None.
     """
-    chunk = rows * devices
+    return Microbatched(eps_fn, rows, devices, mesh)
 
-    def pin(v: jax.Array) -> jax.Array:  # [n, chunk, ...]: the chunk axis over the devices
-        if mesh is None:
-            return v
-        return jax.lax.with_sharding_constraint(v, sharding_lib.batch_sharding(mesh, axis=1))
 
-    def call(x: jax.Array, t: jax.Array) -> jax.Array:
-        batch = x.shape[0]
-        if batch <= chunk or batch % chunk:
-            return eps_fn(x, t)
-        n = batch // chunk
+def map_chunks(eps_fn: Callable, f: Callable[..., Any], *batched: jax.Array) -> Any:
+    """``f(eps_fn, *batched)``, chunk by chunk when ``eps_fn`` is :class:`Microbatched`.
 
-        def split(v: jax.Array) -> jax.Array:  # [B, ...] -> [n, chunk, ...], chunk i: rows j*n+i
-            return pin(jnp.swapaxes(v.reshape(chunk, n, *v.shape[1:]), 0, 1))
-
-        t = jnp.broadcast_to(t, (batch,))
-        out = jax.lax.map(lambda xt: eps_fn(*xt), (split(x), split(t)))
-        return jnp.swapaxes(pin(out), 0, 1).reshape(x.shape[0], *out.shape[2:])
-
-    return call
+    For an algorithm that differentiates the network: ``f`` takes the network and batch-leading
+    arrays and computes per image (e.g. x̂0 and its VJP); the result equals ``f`` on the whole
+    batch up to float rounding.
+    """
+    if isinstance(eps_fn, Microbatched):
+        return eps_fn.map(f, *batched)
+    return f(eps_fn, *batched)

@@ -26,6 +26,7 @@ import jax
 import jax.numpy as jnp
 
 from reddiff_jax import diffusion
+from reddiff_jax.solvers._microbatch import map_chunks
 from reddiff_jax.solvers.base import (
     Algorithm,
     Solver,
@@ -92,16 +93,20 @@ def dps_update(x0, eps, grad, residual_norm, a_t, a_s, z, *, zeta, eta):
 def dps(eps_fn: Callable, op: Any, *, config: DPSConfig, alphas_cumprod: Array) -> Solver:
     """The DPS :class:`Solver`; ``eps_fn`` is differentiated (one VJP per step)."""
     require(op, "A_dagger", "DPS", "its init is sqrt(a_T) A_dagger(y) + sqrt(1 - a_T) n")
-    net = jax.checkpoint(eps_fn) if config.remat else eps_fn
     A = jax.vmap(op.A)
 
     def update(state: SamplerState, inp: StepInput, z: Array):
-        def loss(x):
-            x0, eps = predict(net, x, inp.t, inp.a_t)
-            r = state.y - A(x0)
-            return jnp.sum(r**2), (x0, eps, r)
+        def guidance(net, x, y):  # per image: a chunk's gradient is its rows of the batch's
+            net = jax.checkpoint(net) if config.remat else net
 
-        grad, (x0, eps, r) = jax.grad(loss, has_aux=True)(state.x)
+            def loss(x):
+                x0, eps = predict(net, x, inp.t, inp.a_t)
+                r = y - A(x0)
+                return jnp.sum(r**2), (x0, eps, r)
+
+            return jax.grad(loss, has_aux=True)(x)
+
+        grad, (x0, eps, r) = map_chunks(eps_fn, guidance, state.x, state.y)
         norm = jnp.sqrt(_batch_sq(r))
         h = state.hyper
         x_s = dps_update(x0, eps, grad, norm, inp.a_t, inp.a_s, z, zeta=h["zeta"], eta=h["eta"])

@@ -604,8 +604,9 @@ def solve(
         (default): 4 on the CPU backend, for an algorithm without a network VJP (not DPS,
         ΠGDM), when every device holds 8 or more images in multiples of 4 (faster there:
         activations stay in cache), else off; 0: off; an int: that many
-        (a divisor of each device's share of the padded batch). Results are unchanged up to
-        float rounding.
+        (a divisor of each device's share of the padded batch). DPS and ΠGDM then take each
+        chunk's VJP inside the map, which bounds their memory to one chunk's activations.
+        Results are unchanged up to float rounding.
 
     Returns:
       A :class:`Solution`; ``solution.x`` [B, H, W, C] is the restored batch.

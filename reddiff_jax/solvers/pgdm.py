@@ -26,6 +26,7 @@ import jax
 import jax.numpy as jnp
 
 from reddiff_jax import diffusion
+from reddiff_jax.solvers._microbatch import map_chunks
 from reddiff_jax.solvers.base import (
     Algorithm,
     Solver,
@@ -97,9 +98,14 @@ def pgdm(eps_fn: Callable, op: Any, *, config: PGDMConfig, alphas_cumprod: Array
     def update(state: SamplerState, inp: StepInput, z: Array):
         x = state.x
         y_dag = A_dag(state.y).astype(jnp.float32)
-        x0, vjp_fn, eps = jax.vjp(lambda v: predict(eps_fn, v, inp.t, inp.a_t), x, has_aux=True)
-        residual = y_dag - A_dag(A(x0))
-        (grad,) = vjp_fn(residual.astype(x0.dtype))
+
+        def guidance(net, x, y_dag):  # per image, so it may run chunk by chunk
+            x0, vjp_fn, eps = jax.vjp(lambda v: predict(net, v, inp.t, inp.a_t), x, has_aux=True)
+            residual = y_dag - A_dag(A(x0))
+            (grad,) = vjp_fn(residual.astype(x0.dtype))
+            return x0, eps, residual, grad
+
+        x0, eps, residual, grad = map_chunks(eps_fn, guidance, x, y_dag)
         if config.project:
             x0 = x0 - A_dag(A(x0)) + y_dag
             grad = grad - A_dag(A(grad))

@@ -1,0 +1,62 @@
+"""The softmax attention core of the ADM UNet, in the forms XLA runs fastest.
+
+``softmax_attention(q, k, v)`` is ``softmax(q k^T) v`` per (image, head) on heads-major arrays
+[N, heads, T, ch]; the softmax runs in ``accumulation_dtype`` (float32, or float64). Two
+formulations of the same arithmetic, chosen by whether the call is differentiated:
+
+* **Plain call** (RED-Diff, the samplers): query-major, ``softmax(q k^T)`` [t, s] with the
+  softmax over the minor axis, then the product with v.
+* **Differentiated** (DPS, ΠGDM: a VJP through the network) the same in *key-major* layout: the
+  logits are formed as ``k q^T`` [s, t], the softmax reduces over axis -2 and is normalised
+  after the product with v. Every product of the backward pass is then a plain or ``A B^T``
+  matmul; in query-major layout two of them (``W^T dO`` and ``dS^T q``) contract the [T, T]
+  operand over its major axis, which XLA CPU runs at about half the speed (it transposes the
+  operand first). The key-major form is no faster as a plain forward, so it is used only here.
+
+A ``custom_jvp`` joins the two: its primal is the first, its derivative rule is the JVP of the
+second (reverse mode transposes that rule), so forward- and reverse-mode derivatives both work.
+The two differ by float rounding only (``tests/test_attention.py``; the speed is measured in
+``benchmarks/bench_unet.py --compare-old``).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+__all__ = ["softmax_attention"]
+
+
+def _acc(dtype) -> jnp.dtype:
+    return jnp.promote_types(dtype, jnp.float32)
+
+
+def _query_major(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
+    logits = jnp.einsum("nhtc,nhsc->nhts", q, k)
+    weights = jax.nn.softmax(logits.astype(_acc(q.dtype)), axis=-1)
+    return jnp.einsum("nhts,nhsc->nhtc", weights.astype(v.dtype), v)
+
+
+def _key_major(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
+    acc = _acc(q.dtype)
+    logits = jnp.einsum("nhsc,nhtc->nhst", k, q).astype(acc)  # [N, h, s, t]
+    p = jnp.exp(logits - jax.lax.stop_gradient(jnp.max(logits, axis=-2, keepdims=True)))
+    total = jnp.sum(p, axis=-2)  # [N, h, t]
+    out_t = jnp.einsum("nhcs,nhst->nhct", jnp.swapaxes(v, -1, -2), p.astype(v.dtype))
+    out = jnp.swapaxes(out_t.astype(acc), -1, -2) / total[..., None]
+    return out.astype(v.dtype)
+
+
+@jax.custom_jvp
+def softmax_attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
+    """``softmax(q k^T) v``: q, k, v [N, heads, T, ch] (q, k already scaled) -> [N, heads, T, ch].
+
+    The softmax over keys is taken in float32 (float64 for float64 inputs); the result has
+    v's dtype. Any logit scale must be applied to q and k beforehand.
+    """
+    return _query_major(q, k, v)
+
+
+@softmax_attention.defjvp
+def _softmax_attention_jvp(primals, tangents):
+    return jax.jvp(_key_major, primals, tangents)
