@@ -159,6 +159,11 @@ FLAG_SETS: dict[str, str] = {
     "xnnpack": "--xla_cpu_use_xnnpack=true",
     "onednn_custom_call": "--xla_cpu_experimental_onednn_custom_call=true",
     "single_thread_eigen": "--xla_cpu_multi_thread_eigen=false",
+    # no YNNPACK fusions of reductions / elementwise ops (dots and convolutions stay on it): a
+    # small batch's GroupNorm backward is bound by those kernels' fixed cost
+    "ynn_dot_conv_only": (
+        "--xla_cpu_experimental_ynn_fusion_type=individual_dot,individual_convolution"
+    ),
 }
 
 # --------------------------------------------------------------------------------------
