@@ -279,9 +279,13 @@ print("RESULT " + json.dumps({"err": err, "one": out["one_loss"], "two": out["tw
 
 def test_data_parallel_training_equals_one_device(tmp_path):
     """Data parallel over 2 CPU devices: the same steps as one device, to float rounding of the
-    batch mean: over 4 steps the losses agree to 1e-5 relative and the EMA weights to 1e-5 in
-    relative L2 (Adam divides by sqrt(v), so a weight whose gradient is ~0 can move by a few
-    1e-5 on rounding alone: its max abs difference is no test)."""
+    batch mean: over 4 steps the losses agree to 1e-5 relative and the EMA weights to 2e-5 in
+    relative L2. Adam divides by sqrt(v), so a weight whose gradient is ~0 can move by a few
+    1e-5 on rounding alone (its max abs difference is no test), and the L2 figure follows the
+    rounding pattern of the backward pass: 6.9e-6 with the query-major attention derivative,
+    1.06e-5 with the key-major one (reddiff_jax.attention). Both derivatives agree with float64
+    to about 1e-6 of their max (tests/test_attention.py), so the bound is set at twice the
+    larger measured value."""
     env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_NUM_CPU_DEVICES")}
     proc = subprocess.run(
         [sys.executable, "-c", _TWO_DEVICES, str(Path(__file__).parent), str(tmp_path / "w")],
@@ -289,7 +293,7 @@ def test_data_parallel_training_equals_one_device(tmp_path):
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
     got = json.loads([ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")][-1][7:])
-    assert got["err"] < 1e-5, got
+    assert got["err"] < 2e-5, got
     np.testing.assert_allclose(got["two"], got["one"], rtol=1e-5)
     with pytest.raises(ValueError, match="do not divide the batch"):
         train_lib.train(jax.random.key(0), _digits(), MODEL,
