@@ -24,11 +24,9 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from reddiff_jax.precision import accumulation_dtype as _acc
+
 __all__ = ["softmax_attention"]
-
-
-def _acc(dtype) -> jnp.dtype:
-    return jnp.promote_types(dtype, jnp.float32)
 
 
 def _query_major(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:

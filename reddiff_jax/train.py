@@ -121,6 +121,8 @@ class TrainConfig:
       batch_size: images per step.
       lr: peak learning rate (reached after `warmup_steps`, then constant).
       warmup_steps: linear warm-up length from 0.
+      decay_steps: cosine decay of the learning rate to 0 over the last `decay_steps` of `steps`
+        (0: none, the rate stays constant and a run may stop at any checkpoint).
       weight_decay: AdamW decoupled weight decay.
       grad_clip: maximum global gradient norm.
       ema_decay: EMA decay (warmed up as min(decay, (1 + s) / (10 + s))).
@@ -133,6 +135,7 @@ class TrainConfig:
     batch_size: int = 64
     lr: float = 1e-3
     warmup_steps: int = 200
+    decay_steps: int = 0
     weight_decay: float = 0.0
     grad_clip: float = 1.0
     ema_decay: float = 0.999
@@ -154,6 +157,13 @@ class TrainConfig:
                 raise ValueError(f"{name}: expected a positive int, got {v!r}")
         if not isinstance(self.warmup_steps, int) or self.warmup_steps < 0:
             raise ValueError(f"warmup_steps: expected an int >= 0, got {self.warmup_steps!r}")
+        if not isinstance(self.decay_steps, int) or self.decay_steps < 0:
+            raise ValueError(f"decay_steps: expected an int >= 0, got {self.decay_steps!r}")
+        if self.decay_steps and self.warmup_steps + self.decay_steps > self.steps:
+            raise ValueError(
+                f"decay_steps: warmup_steps + decay_steps ({self.warmup_steps} + "
+                f"{self.decay_steps}) exceeds steps ({self.steps})"
+            )
         for name in ("lr", "grad_clip"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name}: expected a positive number, got {getattr(self, name)!r}")
@@ -191,18 +201,23 @@ class TrainResult:
     init_from: dict[str, Any] | None = None  # the warm start's record (`train(warm_start_info=)`)
 
 
-def make_optimizer(config: TrainConfig) -> optax.GradientTransformation:
-    """Global-norm clipping, then AdamW with a linear warm-up to a constant learning rate."""
+def learning_rate(config: TrainConfig) -> optax.Schedule:
+    """Step -> learning rate: linear warm-up from 0 over `warmup_steps`, constant `lr`, then (with
+    `decay_steps`) a cosine decay to 0 that ends at step `steps`."""
+    parts, bounds = [], []
     if config.warmup_steps:
-        schedule = optax.join_schedules(
-            [
-                optax.linear_schedule(0.0, config.lr, config.warmup_steps),
-                optax.constant_schedule(config.lr),
-            ],
-            [config.warmup_steps],
-        )
-    else:
-        schedule = optax.constant_schedule(config.lr)
+        parts.append(optax.linear_schedule(0.0, config.lr, config.warmup_steps))
+        bounds.append(config.warmup_steps)
+    parts.append(optax.constant_schedule(config.lr))
+    if config.decay_steps:
+        bounds.append(config.steps - config.decay_steps)
+        parts.append(optax.cosine_decay_schedule(config.lr, config.decay_steps))
+    return optax.join_schedules(parts, bounds) if bounds else parts[0]
+
+
+def make_optimizer(config: TrainConfig) -> optax.GradientTransformation:
+    """Global-norm clipping, then AdamW on the `learning_rate` schedule."""
+    schedule = learning_rate(config)
     return optax.chain(
         optax.clip_by_global_norm(config.grad_clip),
         optax.adamw(schedule, weight_decay=config.weight_decay),
@@ -333,8 +348,10 @@ def _restore(mngr: ocp.CheckpointManager, template: TrainState) -> tuple[TrainSt
 
 def _comparable(train_config: TrainConfig) -> dict[str, Any]:
     d = dataclasses.asdict(train_config)
-    for name in ("steps", "checkpoint_every", "keep_checkpoints"):  # may change on resume
+    for name in ("checkpoint_every", "keep_checkpoints"):  # may change on resume
         d.pop(name)
+    if not train_config.decay_steps:  # so may `steps`, unless the decay ends there
+        d.pop("steps")
     return d
 
 
@@ -739,6 +756,15 @@ def _warm_start_lines(init: dict[str, Any] | None) -> list[str]:
 
 def _model_card(meta: dict[str, Any], cfg: UNetConfig, sample_steps: int, extra: str) -> str:
     tc = meta["train_config"]
+    if tc.get("decay_steps"):
+        stopping = f"the learning rate decays to 0 over the last {tc['decay_steps']} of them"
+        decay = f", cosine decay to 0 over the last {tc['decay_steps']}"
+    else:
+        stopping = (
+            "the learning rate is constant after warm-up, so a run may be stopped at any "
+            "checkpoint and exported"
+        )
+        decay = ""
     lines = [
         f"# {meta.get('name', 'reddiff-jax score model')}",
         "",
@@ -753,10 +779,9 @@ def _model_card(meta: dict[str, Any], cfg: UNetConfig, sample_steps: int, extra:
         f"- export command: `{meta.get('export_command', '?')}`",
         *_warm_start_lines(meta.get("init_from")),
         f"- data: {meta.get('data', '?')} ({meta.get('num_examples', '?')} images)",
-        f"- steps: {meta['steps']} (of at most {tc['steps']}; the learning rate is constant after "
-        "warm-up, so a run may be stopped at any checkpoint and exported)",
-        f"- batch {tc['batch_size']}; AdamW lr {tc['lr']} "
-        f"(linear warm-up {tc['warmup_steps']} steps, then constant), weight decay "
+        f"- steps: {meta['steps']} (of at most {tc['steps']}; {stopping})",
+        f"- batch {tc['batch_size']}; AdamW lr {tc['lr']} (linear warm-up {tc['warmup_steps']} "
+        f"steps, then constant{decay}), weight decay "
         f"{tc['weight_decay']}, grad clip {tc['grad_clip']}, EMA {tc['ema_decay']}",
         f"- wall time: {meta['wall_time_s'] / 60:.1f} min ({meta.get('hardware', 'CPU')})",
         f"- final loss (mean of the last 100 steps): {meta['final_loss_last100_mean']:.4f}",

@@ -32,6 +32,7 @@ import jax
 import jax.numpy as jnp
 
 from reddiff_jax import attention
+from reddiff_jax.precision import accumulation_dtype
 
 # Default channel multipliers per image size, as guided-diffusion's `create_model`.
 _DEFAULT_CHANNEL_MULT: dict[int, tuple[float, ...]] = {
@@ -242,12 +243,6 @@ def get_preset(name: str) -> UNetConfig:
     if name not in PRESETS:
         raise ValueError(f"unknown preset {name!r}; valid presets: {sorted(PRESETS)}")
     return PRESETS[name]
-
-
-def accumulation_dtype(dtype: Any) -> jnp.dtype:
-    """The dtype of a UNet's statistics, softmax, sinusoid and output for compute `dtype`:
-    float32 for float32 / bfloat16 / float16, float64 for float64."""
-    return jnp.promote_types(dtype, jnp.float32)
 
 
 def timestep_embedding(

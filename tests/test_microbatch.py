@@ -42,7 +42,7 @@ def test_chunked_call_equals_the_whole_call(batch, rows, devices, calls):
     x = jnp.asarray(np.random.default_rng(batch).normal(size=(batch, *SHAPE)), jnp.float32)
     t = jnp.arange(batch, dtype=jnp.int32) * 50  # a different t per row
     eps, seen = _recording(per_image_eps)
-    got = jax.jit(_microbatch.microbatched(eps, rows, devices))(x, t)
+    got = jax.jit(_microbatch.Microbatched(eps, rows, devices))(x, t)
     np.testing.assert_allclose(got, per_image_eps(x, t), rtol=1e-6, atol=1e-7)
     assert seen == [calls]  # traced once, on chunks of rows * devices (or whole: 8 <= 8, 6 % 4)
 

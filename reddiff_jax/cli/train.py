@@ -38,6 +38,12 @@ def register(subparsers: Any) -> None:
     p.add_argument("--batch", type=int, default=defaults.batch_size)
     p.add_argument("--lr", type=float, default=defaults.lr)
     p.add_argument("--warmup", type=int, default=defaults.warmup_steps)
+    p.add_argument(
+        "--decay-steps",
+        type=int,
+        default=defaults.decay_steps,
+        help="cosine decay of the learning rate to 0 over the last N of --steps (default 0: none)",
+    )
     p.add_argument("--weight-decay", type=float, default=defaults.weight_decay)
     p.add_argument("--grad-clip", type=float, default=defaults.grad_clip)
     p.add_argument("--ema-decay", type=float, default=defaults.ema_decay)
@@ -76,6 +82,7 @@ def _command_line(args: argparse.Namespace, workdir: Path) -> str:
         ("--batch", args.batch),
         ("--lr", args.lr),
         ("--warmup", args.warmup),
+        ("--decay-steps", args.decay_steps),
         ("--weight-decay", args.weight_decay),
         ("--grad-clip", args.grad_clip),
         ("--ema-decay", args.ema_decay),
@@ -94,6 +101,7 @@ def _train_config(args: argparse.Namespace) -> train_lib.TrainConfig:
         batch_size=args.batch,
         lr=args.lr,
         warmup_steps=args.warmup,
+        decay_steps=args.decay_steps,
         weight_decay=args.weight_decay,
         grad_clip=args.grad_clip,
         ema_decay=args.ema_decay,

@@ -31,7 +31,7 @@ import jax.numpy as jnp
 from reddiff_jax import sharding as sharding_lib
 from reddiff_jax.solvers import _scan_convs
 
-__all__ = ["ROWS", "Microbatched", "auto_rows", "map_chunks", "microbatched"]
+__all__ = ["ROWS", "Microbatched", "auto_rows", "map_chunks"]
 
 ROWS = 4  # images per device per chunk on XLA CPU (measured: benchmarks/bench_vs_official.py)
 
@@ -67,7 +67,13 @@ class Microbatched:
     Calling it is calling ``eps_fn`` on the whole batch (same result up to float rounding);
     :meth:`map` runs a per-image computation around the network (a VJP through it) chunk by
     chunk, so a chunk's forward and backward pass run back to back while its activations are
-    in cache. Build it with :func:`microbatched`.
+    in cache.
+
+    Args:
+      eps_fn: ``eps_fn(x [B, H, W, C], t [B] int32) -> [B, H, W, C]``, acting per image.
+      rows: images per device per chunk (``B`` must be a multiple of ``rows * devices``).
+      devices: the size of the data axis the batch is sharded over.
+      mesh: that mesh (its chunk axis is pinned to the data axis), or None.
     """
 
     def __init__(self, eps_fn: Callable, rows: int, devices: int = 1, mesh: Any = None):
@@ -105,23 +111,6 @@ class Microbatched:
     def __call__(self, x: jax.Array, t: jax.Array) -> jax.Array:
         t = jnp.broadcast_to(t, x.shape[:1])
         return self.map(lambda eps_fn, xb, tb: eps_fn(xb, tb), x, t)
-
-
-def microbatched(
-    eps_fn: Callable[[jax.Array, jax.Array], jax.Array],
-    rows: int,
-    devices: int = 1,
-    mesh: Any = None,
-) -> Microbatched:
-    """``eps_fn`` run as ``lax.map`` over strided chunks of ``rows * devices`` images.
-
-    Args:
-      eps_fn: ``eps_fn(x [B, H, W, C], t [B] int32) -> [B, H, W, C]``, acting per image.
-      rows: images per device per chunk (``B`` must be a multiple of ``rows * devices``).
-      devices: the size of the data axis the batch is sharded over.
-      mesh: that mesh (its chunk axis is pinned to the data axis), or None.
-    """
-    return Microbatched(eps_fn, rows, devices, mesh)
 
 
 def map_chunks(eps_fn: Callable, f: Callable[..., Any], *batched: jax.Array) -> Any:

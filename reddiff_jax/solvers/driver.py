@@ -113,7 +113,7 @@ class _Carry(NamedTuple):
 def _build(statics: _Statics, dyn: dict):
     eps_fn = merge_static(statics.eps, dyn["eps"])
     if statics.micro:
-        eps_fn = _microbatch.microbatched(eps_fn, statics.micro, _data_devices(statics),
+        eps_fn = _microbatch.Microbatched(eps_fn, statics.micro, _data_devices(statics),
                                           statics.mesh)  # fmt: skip
     op = None if statics.op is None else merge_static(statics.op, dyn["op"])
     return statics.config.build(eps_fn, op, alphas_cumprod=dyn["alphas"])
