@@ -383,7 +383,7 @@ def _network_variants(
     if micro:  # the forward as solve() runs it for RED-Diff: strided chunks of `micro` a device
 
         def forward_micro(m: ScoreModel, x: jax.Array, t: jax.Array) -> jax.Array:
-            return _microbatch.microbatched(m.apply, micro, devices, mesh)(x, t)
+            return _microbatch.Microbatched(m.apply, micro, devices, mesh)(x, t)
 
         rows["forward"][f"micro{micro}"] = _compile(forward_micro, m_r, x, t)
     if compare_old:
