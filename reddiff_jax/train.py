@@ -261,15 +261,18 @@ def make_train_step(
     `key` is the run's key: the step draws from `fold_in(key, state.step)`. Calls with settings
     that differ only in steps/checkpointing share one compiled step.
     """
+    return _make_train_step(model_config, _step_settings(train_config))
+
+
+def _step_settings(train_config: TrainConfig) -> TrainConfig:
+    """`train_config` with the settings that do not change a training step at their defaults:
+    checkpointing always, and `steps` unless a learning-rate decay ends there."""
     defaults = TrainConfig()
-    return _make_train_step(
-        model_config,
-        dataclasses.replace(
-            train_config,
-            steps=defaults.steps,
-            checkpoint_every=defaults.checkpoint_every,
-            keep_checkpoints=defaults.keep_checkpoints,
-        ),
+    return dataclasses.replace(
+        train_config,
+        steps=train_config.steps if train_config.decay_steps else defaults.steps,
+        checkpoint_every=defaults.checkpoint_every,
+        keep_checkpoints=defaults.keep_checkpoints,
     )
 
 
@@ -347,12 +350,8 @@ def _restore(mngr: ocp.CheckpointManager, template: TrainState) -> tuple[TrainSt
 
 
 def _comparable(train_config: TrainConfig) -> dict[str, Any]:
-    d = dataclasses.asdict(train_config)
-    for name in ("checkpoint_every", "keep_checkpoints"):  # may change on resume
-        d.pop(name)
-    if not train_config.decay_steps:  # so may `steps`, unless the decay ends there
-        d.pop("steps")
-    return d
+    """What a resume must keep: the settings of a training step (the others may change)."""
+    return dataclasses.asdict(_step_settings(train_config))
 
 
 # ------------------------------------------------------------------------------------------------

@@ -187,6 +187,16 @@ def test_learning_rate_schedule_warmup_constant_cosine_decay():
         train_lib.TrainConfig(decay_steps=-1)
 
 
+def test_train_steps_share_a_compile_unless_a_decay_ends_at_steps():
+    """The compiled step is keyed by the settings that change it: `steps` only with a decay."""
+    plain = [dataclasses.replace(CONFIG, steps=n) for n in (40, 80)]
+    assert train_lib.make_train_step(MODEL, plain[0]) is train_lib.make_train_step(MODEL, plain[1])
+    decay = [dataclasses.replace(c, decay_steps=20) for c in plain]
+    assert train_lib.make_train_step(MODEL, decay[0]) is not train_lib.make_train_step(
+        MODEL, decay[1]
+    )
+
+
 def test_resume_with_a_decay_keeps_its_end_step(tmp_path):
     """With a decay the schedule is tied to `steps`: a resume that changes it is refused."""
     images, key = _digits(), jax.random.key(0)
