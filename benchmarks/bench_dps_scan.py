@@ -25,8 +25,8 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
+import sys
 import time
 from pathlib import Path
 
@@ -34,26 +34,10 @@ import jax
 import jax.numpy as jnp
 
 from reddiff_jax import diffusion, operators, solvers
-from reddiff_jax.model import ScoreModel, init_params
 from reddiff_jax.solvers import _scan_convs
-from reddiff_jax.unet import UNetConfig, get_preset
 
-ROOT = Path(__file__).resolve().parents[1]
-FIXTURE_DIRS = [ROOT / "tests/fixtures/guided_diffusion"]
-
-
-def _model() -> tuple[ScoreModel, str]:
-    for d in FIXTURE_DIRS:
-        if (d / "tiny_imagenet_like.pt").is_file():
-            from reddiff_jax.convert import convert_state_dict, read_state_dict
-
-            meta = json.loads((d / "tiny_imagenet_like.config.json").read_text())
-            config = UNetConfig.from_create_model_kwargs(meta)
-            params = convert_state_dict(read_state_dict(d / "tiny_imagenet_like.pt"), config)
-            return ScoreModel(config, jax.tree.map(jnp.asarray, params)), "tiny_imagenet_like"
-    config = get_preset("tiny")
-    params = init_params(jax.random.key(0), config)
-    return ScoreModel(config, params), "tiny preset (random weights)"
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common  # noqa: E402
 
 
 def dps_step(model, A, y, x, t, a_t, a_s, z, zeta=1.0, eta=0.0):
@@ -178,7 +162,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=6, help="scan length (DPS steps)")
     parser.add_argument("--rounds", type=int, default=5)
     args = parser.parse_args()
-    model, name = _model()
+    model, name = common.bench_model()
     print(f"model: {name}; backend: {jax.default_backend()}; steps per scan: {args.steps}")
     for b in args.batch:
         bench(model, b, args.steps, args.rounds)

@@ -25,8 +25,7 @@ a GPU. Usage::
 from __future__ import annotations
 
 import argparse
-import json
-import statistics
+import sys
 import time
 from pathlib import Path
 
@@ -35,34 +34,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from reddiff_jax import operators
-from reddiff_jax.model import ScoreModel, init_params
 from reddiff_jax.solvers import DPSConfig, RedDiffConfig, solve
-from reddiff_jax.unet import UNetConfig, get_preset
 
-GUIDED = Path(__file__).resolve().parents[1] / "tests" / "fixtures" / "guided_diffusion"
-
-
-def _model(size: int) -> tuple[ScoreModel, str]:
-    if size == 32 and (GUIDED / "tiny_imagenet_like.pt").is_file():
-        from reddiff_jax.convert import convert_state_dict, read_state_dict
-
-        meta = json.loads((GUIDED / "tiny_imagenet_like.config.json").read_text())
-        config = UNetConfig.from_create_model_kwargs(meta)
-        params = convert_state_dict(read_state_dict(GUIDED / "tiny_imagenet_like.pt"), config)
-        return ScoreModel(config, jax.tree.map(jnp.asarray, params)), "tiny_imagenet_like"
-    name = "tiny" if size == 32 else "imagenet256_uncond"
-    config = get_preset(name)
-    params = init_params(jax.random.key(0), config)
-    return ScoreModel(config, params), f"{name} (random weights)"
-
-
-def _median_time(fn, repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn())
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common  # noqa: E402
 
 
 def _mib(n: int | None) -> str:
@@ -83,7 +58,7 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
     jax.config.update("jax_default_matmul_precision", "highest")
 
-    model, label = _model(args.size)
+    model, label = common.bench_model(args.size)
     s = model.config.image_size
     shape = (s, s, model.config.in_channels)
     op = operators.make("sr", shape, factor=4)
@@ -115,7 +90,7 @@ def main(argv: list[str] | None = None) -> None:
         t0 = time.perf_counter()
         jax.block_until_ready(fn(model, y, key))
         first = time.perf_counter() - t0
-        warm = _median_time(lambda fn=fn: fn(model, y, key), args.repeats)
+        warm = common.median_s(lambda fn=fn: fn(model, y, key), args.repeats, warmup=False)
         peak = _peak_bytes()
         # The whole solve as one program (model passed as an argument) for XLA's memory plan.
         mem = jax.jit(fn).lower(model, y, key).compile().memory_analysis()
@@ -130,8 +105,8 @@ def main(argv: list[str] | None = None) -> None:
     vjp = jax.jit(lambda m, x: jax.grad(lambda v: jnp.sum(m.eps(v, t) ** 2))(x))
     for f in (fwd, vjp):
         jax.block_until_ready(f(model, x_t))
-    t_fwd = _median_time(lambda: fwd(model, x_t), 4 * args.repeats)
-    t_vjp = _median_time(lambda: vjp(model, x_t), 4 * args.repeats)
+    t_fwd = common.median_s(lambda: fwd(model, x_t), 4 * args.repeats, warmup=False)
+    t_vjp = common.median_s(lambda: vjp(model, x_t), 4 * args.repeats, warmup=False)
     print(
         f"network alone (jitted call): forward {t_fwd * 1e3:.2f} ms, forward+VJP "
         f"{t_vjp * 1e3:.2f} ms ({t_vjp / t_fwd:.2f}x)"

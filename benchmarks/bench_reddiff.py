@@ -17,8 +17,8 @@ a GPU. Usage::
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
+import sys
 import time
 from pathlib import Path
 
@@ -27,27 +27,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from reddiff_jax import operators
-from reddiff_jax.model import ScoreModel, init_params
+from reddiff_jax.model import ScoreModel
 from reddiff_jax.solvers import RedDiffConfig, solve, solve_many
-from reddiff_jax.unet import UNetConfig, get_preset
 
-GUIDED = Path(__file__).resolve().parents[1] / "tests" / "fixtures" / "guided_diffusion"
-
-
-def _model(size: int, dtype: str) -> tuple[ScoreModel, str]:
-    if size == 32 and (GUIDED / "tiny_imagenet_like.pt").is_file():
-        from reddiff_jax.convert import convert_state_dict, read_state_dict
-
-        meta = json.loads((GUIDED / "tiny_imagenet_like.config.json").read_text())
-        config = UNetConfig.from_create_model_kwargs(meta)
-        params = convert_state_dict(read_state_dict(GUIDED / "tiny_imagenet_like.pt"), config)
-        return ScoreModel(config, jax.tree.map(jnp.asarray, params)), "tiny_imagenet_like (fixture)"
-    name = "tiny" if size == 32 else "imagenet256_uncond"
-    config = get_preset(name)
-    if dtype != "float32":
-        config = UNetConfig.from_dict({**config.to_dict(), "dtype": dtype})
-    params = init_params(jax.random.key(0), config)
-    return ScoreModel(config, params), f"{name} (random weights)"
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common  # noqa: E402
 
 
 def _time(fn) -> float:
@@ -70,7 +54,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
     args = p.parse_args(argv)
 
-    model, label = _model(args.size, args.dtype)
+    model, label = common.bench_model(args.size, args.dtype)
     s = model.config.image_size
     shape = (s, s, model.config.in_channels)
     op = operators.make("sr", shape, factor=4)

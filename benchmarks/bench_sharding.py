@@ -16,25 +16,19 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from reddiff_jax import operators, sharding
-from reddiff_jax.model import ScoreModel
 from reddiff_jax.solvers import RedDiffConfig, solve
-from reddiff_jax.unet import UNet, get_preset
 
-
-def _model(size: int) -> ScoreModel:
-    config = get_preset("tiny" if size == 32 else "imagenet256_uncond")
-    s = config.image_size
-    x = jnp.zeros((1, s, s, config.in_channels), jnp.float32)
-    init = jax.jit(UNet(config).init)
-    params = init(jax.random.key(0), x, jnp.zeros((1,), jnp.int32))["params"]
-    return ScoreModel(config=config, params=params)
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -46,7 +40,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--json", default=None, help="also write the rows here")
     args = p.parse_args(argv)
 
-    model = _model(args.size)
+    model, _ = common.bench_model(args.size, fixture=False)
     c = model.config
     shape = (c.image_size, c.image_size, c.in_channels)
     op = operators.make_from_spec("inpaint:box", shape, key=jax.random.key(1))

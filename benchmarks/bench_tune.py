@@ -21,7 +21,9 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import statistics
+import sys
 import time
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -31,7 +33,10 @@ from reddiff_jax import imageio, load_pretrained, operators, splits
 from reddiff_jax import tune as tune_lib
 from reddiff_jax.model import ScoreModel
 from reddiff_jax.solvers import RedDiffConfig
-from reddiff_jax.unet import PRESETS, UNet
+from reddiff_jax.unet import PRESETS
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common  # noqa: E402
 
 
 def _model(name: str) -> ScoreModel:
@@ -40,9 +45,7 @@ def _model(name: str) -> ScoreModel:
     cfg = dataclasses.replace(PRESETS["tiny"], in_channels=1, out_channels=None,
                               channel_mult=(1,), attention_resolutions=(), learn_sigma=False,
                               resblock_updown=False)  # fmt: skip
-    x = jnp.zeros((1, 32, 32, 1))
-    params = jax.jit(UNet(cfg).init)(jax.random.key(0), x, jnp.zeros((1,), jnp.int32))["params"]
-    return ScoreModel(config=cfg, params=params)
+    return common.random_model(cfg)
 
 
 def _peak(compiled) -> float:

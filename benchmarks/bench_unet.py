@@ -62,17 +62,15 @@ import jax.numpy as jnp
 import numpy as np
 
 from reddiff_jax import attention, sharding, unet
-from reddiff_jax.model import ScoreModel, init_params
+from reddiff_jax.model import ScoreModel
 from reddiff_jax.solvers import _microbatch
-from reddiff_jax.unet import UNetConfig, get_preset
+from reddiff_jax.unet import UNetConfig
 
 if __name__ == "__main__":  # before any JAX work: one CPU device per core, as the CLI does
     sharding.use_cpu_cores()
 
-_ROOT = Path(__file__).resolve().parents[1]
-FIXTURE_DIRS = (_ROOT / "tests" / "fixtures" / "guided_diffusion",)
-_FIXTURE = "tiny_imagenet_like"
-
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common  # noqa: E402
 
 # --------------------------------------------------------------------------------------
 # The formulations the UNet used before the speed work (reference for --compare-old).
@@ -221,30 +219,6 @@ def matmul_call(flops: float) -> tuple[Callable[[], Any], float, int]:
 # --------------------------------------------------------------------------------------
 # The model and the layer cases.
 # --------------------------------------------------------------------------------------
-
-
-def fixture_dir() -> Path | None:
-    """The first directory holding the tiny_imagenet_like fixture, or None."""
-    for d in FIXTURE_DIRS:
-        if (d / f"{_FIXTURE}.pt").is_file():
-            return d
-    return None
-
-
-def load_model(name: str) -> tuple[ScoreModel, str]:
-    """The fixture UNet (converted), or the `tiny` preset with random weights."""
-    d = fixture_dir()
-    if name == _FIXTURE and d is not None:
-        from reddiff_jax.convert import convert_state_dict, read_state_dict
-
-        config = UNetConfig.from_create_model_kwargs(
-            json.loads((d / f"{_FIXTURE}.config.json").read_text())
-        )
-        params = convert_state_dict(read_state_dict(d / f"{_FIXTURE}.pt"), config)
-        return ScoreModel(config, jax.tree.map(jnp.asarray, params)), f"{_FIXTURE} (fixture)"
-    config = get_preset("tiny")
-    params = init_params(jax.random.key(0), config)
-    return ScoreModel(config, params), "tiny preset (random weights)"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -518,27 +492,37 @@ def torch_unet_forward(sd: dict[str, Any], kw: dict[str, Any]) -> Callable[..., 
     return forward
 
 
-def _torch_network(batch: int) -> dict[str, Callable[[], Any]] | None:
-    """Torch forward (no_grad) and forward + input gradient of the fixture network, or None."""
-    d = fixture_dir()
-    if d is None:
-        return None
+def checked_torch_forward() -> tuple[Callable[..., Any], dict[str, Any]]:
+    """The torch port of the fixture network (``torch_unet_forward``) and the fixture's config,
+    after checking the port against the fixture's recorded output to 1e-4 (RuntimeError when
+    the fixture is missing or the port disagrees)."""
     import torch
 
-    sd = torch.load(d / f"{_FIXTURE}.pt", map_location="cpu", weights_only=True)
-    kw = json.loads((d / f"{_FIXTURE}.config.json").read_text())
-    if not (
-        kw["create_model_kwargs"]["resblock_updown"]
-        and kw["create_model_kwargs"]["use_scale_shift_norm"]
-    ):
-        return None
+    if not common.has_fixture():
+        raise RuntimeError(f"the fixture UNet is missing ({common.FIXTURE_DIR})")
+    d, name = common.FIXTURE_DIR, common.FIXTURE
+    sd = torch.load(d / f"{name}.pt", map_location="cpu", weights_only=True)
+    kw = json.loads((d / f"{name}.config.json").read_text())
+    if not all(kw["create_model_kwargs"][k] for k in ("resblock_updown", "use_scale_shift_norm")):
+        raise RuntimeError("the torch port covers resblock_updown + use_scale_shift_norm only")
     fwd = torch_unet_forward(sd, kw)
-    io = np.load(d / f"{_FIXTURE}.io.npz")
+    io = np.load(d / f"{name}.io.npz")
     with torch.no_grad():
         got = fwd(torch.from_numpy(io["x"]), torch.from_numpy(io["t"])).numpy()
     err = float(np.abs(got - io["out"]).max())
     if err > 1e-4:
-        print(f"torch port disagrees with the fixture output (max abs {err:.2g}); not timed")
+        raise RuntimeError(f"the torch port disagrees with the fixture output (max abs {err:.2g})")
+    return fwd, kw
+
+
+def _torch_network(batch: int) -> dict[str, Callable[[], Any]] | None:
+    """Torch forward (no_grad) and forward + input gradient of the fixture network, or None."""
+    import torch
+
+    try:
+        fwd, kw = checked_torch_forward()
+    except RuntimeError as e:
+        print(f"{e}; torch network not timed")
         return None
     size = kw["create_model_kwargs"]["image_size"]
     x = torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(0))
@@ -703,7 +687,7 @@ def flags_sweep(args: argparse.Namespace) -> list[dict[str, Any]]:
 
 
 def child(args: argparse.Namespace) -> None:
-    model, _ = load_model(args.model)
+    model, _ = common.bench_model(fixture=args.model == common.FIXTURE)
     out: dict[str, float] = {}
     for b in _batches(args.batch):
         calls = _network_variants(model, b, False)
@@ -725,7 +709,7 @@ def _batches(spec: str) -> list[int]:
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--batch", default="1,8,32", help="comma-separated batch sizes")
-    p.add_argument("--model", default=_FIXTURE, choices=[_FIXTURE, "tiny"])
+    p.add_argument("--model", default=common.FIXTURE, choices=[common.FIXTURE, "tiny"])
     p.add_argument("--repeats", type=int, default=15, help="timed calls per variant (median)")
     p.add_argument("--compare-old", action="store_true", help="also time the old formulations")
     p.add_argument("--conv-variants", action="store_true", help="NCHW and im2col convolutions")
@@ -746,7 +730,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             args.torch = True
         except ImportError:
             args.torch = False
-    model, what = load_model(args.model)
+    model, what = common.bench_model(fixture=args.model == common.FIXTURE)
     print(f"model: {what}; backend {jax.default_backend()}, {jax.devices()[0].device_kind}, "
           f"{os.cpu_count()} CPUs; XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}")  # fmt: skip
     peak = peak_matmul(args.repeats)

@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -47,23 +46,13 @@ import numpy as np  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_unet  # noqa: E402
+import common  # noqa: E402
 
 from reddiff_jax import diffusion, operators  # noqa: E402
 from reddiff_jax.solvers import DPSConfig, RedDiffConfig, _microbatch, registry, solve  # noqa: E402
 
 FACTOR = 4  # sr4
 LAM, LR, ZETA = 0.25, 0.1, 1.0  # official RED-Diff defaults; DPS's sr4 script value
-
-
-def _median_s(fn: Callable[[], Any], repeats: int) -> float:
-    """Median wall time of ``repeats`` calls after one untimed (compiling / warm-up) call."""
-    jax.block_until_ready(fn())
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn())
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
 
 
 # --------------------------------------------------------------------------------------
@@ -145,25 +134,6 @@ def torch_solvers(fwd: Callable[..., Any], steps: int) -> dict[str, Callable[[An
     return {"reddiff": reddiff, "dps": dps}
 
 
-def _torch_network() -> Callable[..., Any]:
-    import torch
-
-    d = bench_unet.fixture_dir()
-    if d is None:
-        raise SystemExit("the fixture UNet (tests/fixtures/guided_diffusion) is missing")
-    name = bench_unet._FIXTURE
-    sd = torch.load(d / f"{name}.pt", map_location="cpu", weights_only=True)
-    kw = json.loads((d / f"{name}.config.json").read_text())
-    fwd = bench_unet.torch_unet_forward(sd, kw)
-    io = np.load(d / f"{name}.io.npz")
-    with torch.no_grad():
-        got = fwd(torch.from_numpy(io["x"]), torch.from_numpy(io["t"])).numpy()
-    err = float(np.abs(got - io["out"]).max())
-    if err > 1e-4:
-        raise SystemExit(f"torch port disagrees with the fixture output (max abs {err:.2g})")
-    return fwd
-
-
 # --------------------------------------------------------------------------------------
 # the run
 # --------------------------------------------------------------------------------------
@@ -171,7 +141,7 @@ def _torch_network() -> Callable[..., Any]:
 
 def jax_rows(args: argparse.Namespace) -> list[dict[str, Any]]:
     """reddiff-jax's solve time per (algo, batch), sharded over min(batch, local devices)."""
-    model, label = bench_unet.load_model("tiny_imagenet_like")
+    model, label = common.bench_model()
     size, ch = model.config.image_size, model.config.in_channels
     op = operators.make("sr", (size, size, ch), factor=FACTOR)
     ndev = len(jax.local_devices())
@@ -184,12 +154,12 @@ def jax_rows(args: argparse.Namespace) -> list[dict[str, Any]]:
             run = jax_solver(algo, args.steps, devices)  # solve compiles once and caches
             y = jnp.asarray(measurements(op, b, size, ch))
             key = jax.random.key(0)
-            t = _median_s(lambda run=run, y=y, key=key: run(model, op, y, key), args.repeats)
+            t = common.median_s(lambda run=run, y=y, key=key: run(model, op, y, key), args.repeats)
             row = {"algo": algo, "batch": b, "steps": args.steps, "ours_s": t,
                    "ours_devices": devices, "ours_micro": auto_rows(algo, b, devices)}  # fmt: skip
             if row["ours_micro"]:  # the same solve without micro-batching, for the ratio
                 whole = jax_solver(algo, args.steps, devices, micro_batch=0)
-                row["ours_whole_s"] = _median_s(
+                row["ours_whole_s"] = common.median_s(
                     lambda run=whole, y=y, key=key: run(model, op, y, key), args.repeats
                 )
             rows.append(row)
@@ -249,12 +219,17 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
     torch.set_num_threads(args.torch_threads)
     torch.manual_seed(0)
     time.sleep(0.5)  # let XLA's worker threads stop spinning
-    loops = torch_solvers(_torch_network(), args.steps)
-    size = bench_unet.load_model("tiny_imagenet_like")[0].config.image_size
+    try:
+        fwd, kw = bench_unet.checked_torch_forward()
+    except RuntimeError as e:
+        raise SystemExit(str(e)) from None
+    loops = torch_solvers(fwd, args.steps)
+    size = kw["create_model_kwargs"]["image_size"]
     op = operators.make("sr", (size, size, 3), factor=FACTOR)
     for row in rows:
         y = torch.from_numpy(measurements(op, row["batch"], size, 3).transpose(0, 3, 1, 2).copy())
-        row["official_s"] = _median_s(lambda y=y, algo=row["algo"]: loops[algo](y), args.repeats)
+        run = loops[row["algo"]]
+        row["official_s"] = common.median_s(lambda y=y, run=run: run(y), args.repeats)
         row["official_over_ours"] = row["official_s"] / row["ours_s"]
         row["official_over_ours_1dev"] = row["official_s"] / row["ours_1dev_s"]
 

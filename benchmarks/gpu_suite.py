@@ -30,7 +30,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import statistics
+import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -41,8 +41,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from reddiff_jax import operators, solvers
-from reddiff_jax.model import ScoreModel, init_params
+from reddiff_jax.model import ScoreModel
 from reddiff_jax.unet import UNetConfig, get_preset
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common  # noqa: E402
 
 PARTS = ("peak", "forward", "reddiff_step", "dps", "many")
 PRECISIONS = ("float32", "tf32", "bfloat16")
@@ -121,23 +124,12 @@ def compile_call(fn: Callable, *args: Any, precision: str = "default") -> dict[s
 
 
 def median_ms(call: Callable[[], Any], repeats: int) -> float:
-    jax.block_until_ready(call())
-    ts = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        jax.block_until_ready(call())
-        ts.append(time.perf_counter() - t0)
-    return statistics.median(ts) * 1e3
+    return common.median_s(call, repeats) * 1e3
 
 
 def peak_bytes() -> int | None:
     stats = jax.devices()[0].memory_stats() or {}
     return stats.get("peak_bytes_in_use")
-
-
-def random_model(config: UNetConfig) -> ScoreModel:
-    params = init_params(jax.random.key(0), config)
-    return ScoreModel(config, params)
 
 
 def _problem(config: UNetConfig, n: int) -> tuple[Any, jax.Array]:
@@ -266,7 +258,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "size": args.size, "config": spec["config"].to_dict(), "backend": jax.default_backend(),
         "device": dev.device_kind, "jax": jax.__version__, "host": platform.node(),
     }  # fmt: skip
-    model = random_model(spec["config"])
+    model = common.random_model(spec["config"])
     runners = {
         "peak": lambda: part_peak(spec, out),
         "forward": lambda: part_forward(model, spec, out),
