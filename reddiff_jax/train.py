@@ -637,12 +637,15 @@ def sample(
     *,
     num: int = 64,
     num_steps: int = 50,
+    eta: float = 0.0,
     schedule: str = "linear",
     num_timesteps: int = 1000,
     clip_denoised: bool = True,
     mesh: Any = None,
 ) -> np.ndarray:
-    """Unconditional DDIM (eta = 0) samples of a `ScoreModel`: float32 [num, H, W, C] in [-1, 1].
+    """Unconditional DDIM samples of a `ScoreModel`: float32 [num, H, W, C] in [-1, 1].
+
+    `eta`: 0 (default) is the deterministic sampler; 1 adds DDPM's ancestral noise at each step.
 
     With `clip_denoised` each step's x̂0 is clipped to [-1, 1] and eps recomputed from it (as
     guided-diffusion samples by default). The last DDIM step goes to alpha = 1, so the final
@@ -654,7 +657,7 @@ def sample(
     cfg = model.config
     shape = (num, cfg.image_size, cfg.image_size, cfg.in_channels)
     config = solvers.DDIMConfig(
-        num_steps=num_steps, eta=0.0, schedule=schedule, num_timesteps=num_timesteps
+        num_steps=num_steps, eta=eta, schedule=schedule, num_timesteps=num_timesteps
     )
     ac = diffusion.alphas_cumprod(schedule, num_timesteps)
     eps_fn = functools.partial(_clipped_eps, model, ac) if clip_denoised else model.eps

@@ -7,8 +7,10 @@ import json
 import os
 import subprocess
 import sys
+import types
 from pathlib import Path
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -185,6 +187,41 @@ def test_learning_rate_schedule_warmup_constant_cosine_decay():
         train_lib.TrainConfig(steps=40, warmup_steps=10, decay_steps=31)
     with pytest.raises(ValueError, match="decay_steps: expected an int"):
         train_lib.TrainConfig(decay_steps=-1)
+
+
+class _OracleModel:
+    """The exact eps of a point-mass data distribution at `target` [H, W, C] (a ScoreModel
+    stand-in for `train.sample`): eps(x_t, t) = (x_t - sqrt(a_t) target) / sqrt(1 - a_t)."""
+
+    def __init__(self, target: np.ndarray):
+        h, w, c = target.shape
+        self.config = types.SimpleNamespace(image_size=h, in_channels=c)
+        self.target = jnp.asarray(target)
+        self.ac = diffusion.alphas_cumprod("linear", 1000)
+
+    def eps(self, x, t):
+        a = self.ac[t][:, None, None, None]
+        return (x - jnp.sqrt(a) * self.target) / jnp.sqrt(1.0 - a)
+
+
+def test_sample_draws_the_point_mass_at_any_eta_and_eta_adds_noise():
+    """Analytic: under the exact eps of a point mass every step's x̂0 is the point, so DDIM ends
+    on it for eta 0 and 1 alike (to float32 rounding); along the way eta 1 adds fresh noise, so
+    with a model that is not exact the two samplers differ, and each repeats under its key."""
+    target = np.linspace(-0.9, 0.9, 8 * 8).reshape(8, 8, 1).astype(np.float32)
+    oracle = _OracleModel(target)
+    for eta in (0.0, 1.0):
+        x = train_lib.sample(jax.random.key(0), oracle, num=3, num_steps=10, eta=eta)
+        chex.assert_shape(x, (3, 8, 8, 1))
+        np.testing.assert_allclose(x, np.broadcast_to(target, x.shape), atol=1e-5, err_msg=eta)
+    biased = _OracleModel(target)
+    biased.eps = lambda x, t: 0.5 * _OracleModel.eps(oracle, x, t)  # a wrong (shrunk) eps
+    key = jax.random.key(1)
+    x0 = train_lib.sample(key, biased, num=3, num_steps=10, eta=0.0)
+    x1 = train_lib.sample(key, biased, num=3, num_steps=10, eta=1.0)
+    assert np.abs(x1 - x0).max() > 1e-2
+    np.testing.assert_array_equal(x1, train_lib.sample(key, biased, num=3, num_steps=10, eta=1.0))
+    assert np.abs(x1).max() <= 1.0
 
 
 def test_train_steps_share_a_compile_unless_a_decay_ends_at_steps():
