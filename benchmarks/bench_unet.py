@@ -5,8 +5,8 @@ Prints, in one run and per batch size (``--batch 1,8,32``):
 * per layer kind -- a 3x3 convolution at each width, GroupNorm+SiLU at each width, the
   attention core (packed qkv -> softmax(q k^T / sqrt(ch)) v) at each attention resolution,
   alone and with its VJP (variant ``query_major``: differentiated without the key-major rule of
-  ``reddiff_jax.attention``) -- and for the whole forward and the forward + input VJP (what
-  DPS differentiates): the median
+  ``reddiff_jax.attention``), GroupNorm+SiLU alone and with its input VJP -- and for the whole
+  forward and the forward + input VJP (what DPS differentiates): the median
   time, the GFLOP/s achieved (FLOPs from XLA's ``cost_analysis`` of the compiled call), the
   GFLOP/s of a jitted square matmul of about the same FLOPs measured in the same run, and the
   fraction of it reached;
@@ -225,7 +225,7 @@ def matmul_call(flops: float) -> tuple[Callable[[], Any], float, int]:
 class Layer:
     """One benchmarked layer: kind, a label, and its input shapes (NHWC)."""
 
-    kind: str  # "conv3x3" | "gn_silu" | "attention" | "attention+vjp"
+    kind: str  # "conv3x3" | "gn_silu" | "gn_silu+vjp" | "attention" | "attention+vjp"
     label: str
     shape: tuple[int, ...]  # conv/gn: [N, H, W, C]; attention: [N, T, 3C]
     out: int = 0  # conv: output channels
@@ -244,6 +244,7 @@ def layer_inventory(config: UNetConfig, batch: int) -> list[Layer]:
         shape = (batch, res, res, width)
         layers.append(Layer("conv3x3", f"conv3x3 {res}x{res}x{width}->{width}", shape, out=width))
         layers.append(Layer("gn_silu", f"GN+SiLU {res}x{res}x{width}", shape))
+        layers.append(Layer("gn_silu+vjp", f"GN+SiLU {res}x{res}x{width} +VJP", shape))
         if res in config.attention_resolutions:
             heads = (
                 config.num_heads
@@ -268,10 +269,12 @@ def _jax_variants(layer: Layer, compare_old: bool, conv_variants: bool) -> dict[
         if conv_variants:
             out.update(nchw=(conv_nchw, (x, w)), im2col=(conv_im2col, (x, w)))
         return out
-    if layer.kind == "gn_silu":
+    if layer.kind in ("gn_silu", "gn_silu+vjp"):
         c = layer.shape[-1]
         scale = 1 + 0.2 * jax.random.normal(jax.random.key(1), (c,))
         bias = 0.2 * jax.random.normal(jax.random.key(2), (c,))
+        if layer.kind == "gn_silu+vjp":  # the input VJP, as DPS differentiates it
+            return {"new": (_with_vjp(lambda x: unet.group_norm(x, scale, bias, silu=True)), (x,))}
         out = {"new": (lambda x, s, b: unet.group_norm(x, s, b, silu=True), (x, scale, bias))}
         if compare_old:
             out["old"] = (lambda x, s, b: old_group_norm(x, s, b, silu=True), (x, scale, bias))
@@ -343,14 +346,16 @@ def _network_variants(
     rows: dict[str, dict[str, Call]] = {"forward": {}, "forward+vjp": {}}
     for name, call in compile_both().items():
         rows[name]["new"] = call
-    ndev, mesh, m_r = jax.local_device_count(), None, model
+    # The sharded inputs get their own names: compile_both() (the "old" rows below) must keep
+    # compiling for the unsharded ones.
+    ndev, mesh, m_r, xs, ts = jax.local_device_count(), None, model, x, t
     if ndev > 1 and batch % ndev == 0:  # the batch sharded over one CPU device per core
         mesh = sharding.data_mesh(ndev)
         bat, rep = sharding.batch_sharding(mesh), sharding.replicated(mesh)
         m_r = jax.device_put(model, rep)
-        x, t, ct = (jax.device_put(v, bat) for v in (x, t, ct))
+        xs, ts, cts = (jax.device_put(v, bat) for v in (x, t, ct))
         for name, call in compile_both().items():
-            args = (m_r, x, t) if name == "forward" else (m_r, x, t, ct)
+            args = (m_r, xs, ts) if name == "forward" else (m_r, xs, ts, cts)
             rows[name][f"sharded{ndev}"] = _compile(call.fn, *args)
     devices = 1 if mesh is None else ndev
     micro = _microbatch.auto_rows(batch, devices, jax.default_backend())
@@ -359,7 +364,7 @@ def _network_variants(
         def forward_micro(m: ScoreModel, x: jax.Array, t: jax.Array) -> jax.Array:
             return _microbatch.Microbatched(m.apply, micro, devices, mesh)(x, t)
 
-        rows["forward"][f"micro{micro}"] = _compile(forward_micro, m_r, x, t)
+        rows["forward"][f"micro{micro}"] = _compile(forward_micro, m_r, xs, ts)
     if compare_old:
         with old_layers():
             for name, call in compile_both().items():
@@ -402,7 +407,15 @@ def _torch_layer(layer: Layer) -> Callable[[], Any]:
         bias = torch.zeros(layer.out)
         return lambda: F.conv2d(x, weight, bias, padding=1)
     scale, shift = torch.ones(c), torch.zeros(c)
-    return lambda: F.silu(F.group_norm(x, 32, scale, shift, 1e-5))
+    if layer.kind == "gn_silu":
+        return torch.no_grad()(lambda: F.silu(F.group_norm(x, 32, scale, shift, 1e-5)))
+    leaf = x.clone().requires_grad_(True)
+
+    def gn_vjp() -> Any:
+        out = F.silu(F.group_norm(leaf, 32, scale, shift, 1e-5))
+        return torch.autograd.grad(out, leaf, out)
+
+    return gn_vjp
 
 
 def torch_unet_forward(sd: dict[str, Any], kw: dict[str, Any]) -> Callable[..., Any]:

@@ -32,6 +32,8 @@ import jax
 import jax.numpy as jnp
 
 from reddiff_jax import attention
+from reddiff_jax.norm import NUM_GROUPS as _NUM_GROUPS
+from reddiff_jax.norm import group_norm
 from reddiff_jax.precision import accumulation_dtype
 
 # Default channel multipliers per image size, as guided-diffusion's `create_model`.
@@ -41,8 +43,6 @@ _DEFAULT_CHANNEL_MULT: dict[int, tuple[float, ...]] = {
     128: (1, 1, 2, 3, 4),
     64: (1, 2, 3, 4),
 }
-_NUM_GROUPS = 32  # GroupNorm32
-_GN_EPS = 1e-5
 _COMPUTE_DTYPES = ("float32", "bfloat16", "float16", "float64")  # float64 needs x64 on
 # create_model keywords that change nothing in the forward pass, accepted and ignored.
 _IGNORED_KWARGS = frozenset({"model_path"})
@@ -259,54 +259,6 @@ def timestep_embedding(
     if dim % 2:
         emb = jnp.concatenate([emb, jnp.zeros_like(emb[:, :1])], axis=-1)
     return emb
-
-
-def group_norm(
-    x: jax.Array,
-    scale: jax.Array,
-    bias: jax.Array,
-    *,
-    modulation: tuple[jax.Array, jax.Array] | None = None,
-    silu: bool = False,
-    num_groups: int = _NUM_GROUPS,
-    eps: float = _GN_EPS,
-) -> jax.Array:
-    """GroupNorm32 for NHWC, with the following scale/shift and SiLU folded in.
-
-    x [N, H, W, C] (any float dtype), scale / bias [C] (the affine params), modulation an
-    optional (m_scale, m_shift) pair of [N, C] arrays applied as `y * (1 + m_scale) + m_shift`
-    after the normalisation (ADM's use_scale_shift_norm), silu applies `y * sigmoid(y)` last.
-    Returns [N, H, W, C] in x.dtype.
-
-    Statistics are computed in `accumulation_dtype(x.dtype)`: float32 for float32 / bfloat16
-    / float16 inputs as guided-diffusion does, float64 for float64 inputs. Group g holds channels
-    g*C/G .. (g+1)*C/G-1, the mean and the biased variance are taken over (H, W, channels of
-    the group), two passes (the variance of the centred values, not E[x^2] - E[x]^2). Each
-    pass first reduces over H*W per channel (a reduction XLA runs at memory speed on the
-    contiguous NHWC layout) and then over the C/G channels of a group, which are tiny [N, C]
-    arrays. Normalisation, affine, modulation and SiLU then collapse into one per-(n, c)
-    multiply-add `x * a + b` followed by the activation: one fused elementwise pass.
-    """
-    n, c = x.shape[0], x.shape[-1]
-    per_group = c // num_groups
-    acc = accumulation_dtype(x.dtype)
-    xf = x.astype(acc).reshape(n, -1, c)  # [N, HW, C]
-
-    def group_mean(per_channel: jax.Array) -> jax.Array:  # [N, C] -> [N, C], constant per group
-        g = jnp.mean(per_channel.reshape(n, num_groups, per_group), axis=-1)
-        return jnp.repeat(g, per_group, axis=-1)
-
-    mean = group_mean(jnp.mean(xf, axis=1))
-    var = group_mean(jnp.mean(jnp.square(xf - mean[:, None, :]), axis=1))
-    a = scale.astype(acc) * jax.lax.rsqrt(var + eps)  # [N, C]
-    b = bias.astype(acc) - mean * a
-    if modulation is not None:
-        m_scale, m_shift = (m.astype(acc).reshape(n, c) for m in modulation)
-        a, b = a * (1 + m_scale), b * (1 + m_scale) + m_shift
-    y = xf * a[:, None, :] + b[:, None, :]
-    if silu:
-        y = nn.silu(y)
-    return y.astype(x.dtype).reshape(x.shape)
 
 
 class GroupNorm(nn.Module):
