@@ -7,7 +7,8 @@ forward pass each) and a grid of settings per algorithm. :func:`run` then
 
 1. tunes every applicable (task, algorithm) pair on the validation split: a grid sweep
    (:func:`reddiff_jax.sweep.sweep`) over the first ``n_tune`` validation digits picks the cell
-   with the best mean ``metric``; the choices are written to ``out/tuned.json``;
+   with the best mean ``metric``; the choices are written to ``out/tuned.json`` and a table of
+   them (:func:`tuning_markdown`) to ``out/tuning.md``;
 2. scores the tuned settings on the first ``n_test`` digits of the test split, which no sweep
    ever sees (:func:`reddiff_jax.evaluate.evaluate`, into ``out/test``: PSNR, SSIM, LPIPS where
    installed and digit-classifier accuracy, with 95% bootstrap intervals, seconds and NFE per
@@ -20,6 +21,7 @@ and reused by a rerun with the same settings. The same key gives the same table.
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 from collections.abc import Mapping
 from pathlib import Path
@@ -33,7 +35,7 @@ from reddiff_jax import sweep as sweep_lib
 from reddiff_jax.model import resolve_model
 from reddiff_jax.solvers import registry
 
-__all__ = ["PROTOCOL", "Protocol", "run", "tune_all"]
+__all__ = ["PROTOCOL", "Protocol", "run", "tune_all", "tuning_markdown"]
 
 _GRIDS: dict[str, dict[str, tuple[float, ...]]] = {
     "reddiff": {"lam": (0.05, 0.1, 0.25, 0.5, 1.0), "lr": (0.05, 0.1, 0.25, 0.5)},
@@ -137,7 +139,7 @@ def tune_all(
         summary = sweep_lib.sweep(
             key,
             grid={k: list(v) for k, v in protocol.grids[algo].items()},
-            out=out / "sweeps" / f"{imageio.unique_names([spec])[0]}__{algo}",
+            out=_sweep_dir(out, spec, algo),
             task=spec,
             algo=algo,
             n=protocol.n_tune,
@@ -151,8 +153,61 @@ def tune_all(
         if summary["best"] is None:
             raise RuntimeError(f"tune: every cell of {algo} on {spec} diverged")
         tuned[f"{algo}@{spec}"] = dict(summary["best"]["params"])
+    imageio.atomic_write_bytes(out / "tuning.md", tuning_markdown(out, protocol=protocol).encode())
     imageio.atomic_write_json(out / "tuned.json", tuned, sort_keys=True)
     return tuned
+
+
+def _sweep_dir(out: Path, spec: str, algo: str) -> Path:
+    return out / "sweeps" / f"{imageio.unique_names([spec])[0]}__{algo}"
+
+
+def _mean(cell: Mapping[str, Any], metric: str) -> str:
+    value = cell.get(metric, {}).get("mean")
+    return "–" if value is None else f"{value:.3f}" if metric != "psnr" else f"{value:.2f}"
+
+
+def tuning_markdown(out: str | os.PathLike, *, protocol: Protocol = PROTOCOL) -> str:
+    """The tuning stage as a markdown table: per (task, algorithm) sweep found in ``out``, the
+    best cell's settings and its mean PSNR, SSIM and digit accuracy on the validation digits,
+    beside the worst cell's value of the metric tuned (how much the settings matter).
+
+    Reads ``out/sweeps/*/sweep.json``; pairs whose sweep has not finished are left out, so the
+    table of a partial run is the finished part.
+    """
+    out = Path(out)
+    lines = [
+        "| task | σ_y | method | tuned by | best settings | PSNR | SSIM | accuracy "
+        "| worst cell | cells | sweep s |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    n_images = set()
+    for spec, sigma in protocol.tasks:
+        for algo in protocol.algos:
+            path = _sweep_dir(out, spec, algo) / "sweep.json"
+            if not path.is_file():
+                continue
+            summary = json.loads(path.read_text())
+            best, metric = summary["best"], summary["metric"]
+            if best is None:
+                continue
+            n_images.add(len(summary["images"]))
+            cell = next(c for c in summary["cells"] if c["params"] == best["params"])
+            values = [c[metric]["mean"] for c in summary["cells"] if metric in c]
+            worst = (min if sweep_lib.METRICS[metric] == "max" else max)(values)
+            settings = ", ".join(f"{k} {v:g}" for k, v in best["params"].items())
+            scores = [_mean(cell, m) for m in ("psnr", "ssim", "accuracy")]
+            scores.append(_mean({metric: {"mean": worst}}, metric))
+            seconds = f"{summary['timing']['seconds']:.0f}"
+            row = [spec, f"{sigma:g}", algo, metric, settings, *scores]
+            row += [str(len(summary["cells"])), seconds]
+            lines.append("| " + " | ".join(row) + " |")
+    digits = "/".join(str(n) for n in sorted(n_images)) or "no"
+    head = (
+        f"Tuning on {digits} validation digits at {protocol.nfe} NFE per image: each sweep's "
+        "best cell (mean over the digits) and the worst cell's value of the metric tuned."
+    )
+    return head + "\n\n" + "\n".join(lines) + "\n"
 
 
 def run(

@@ -42,6 +42,17 @@ def test_protocol_tunes_on_validation_and_scores_on_test(tiny_model, tmp_path, m
         row = res["tasks"][task]["algos"][algo]
         assert all(row["config"][k] == v for k, v in params.items())
         assert row["nfe"] == TINY.nfe
+    table = (tmp_path / "a" / "tuning.md").read_text()
+    assert table == protocol.tuning_markdown(tmp_path / "a", protocol=TINY)
+    rows = [line for line in table.splitlines() if line.startswith("| inpaint:box")]
+    assert [r.split(" | ")[2] for r in rows] == ["reddiff", "ddrm"]
+    reddiff = json.loads(
+        (tmp_path / "a" / "sweeps" / "inpaint_box__reddiff" / "sweep.json").read_text()
+    )
+    assert reddiff["metric"] == "accuracy"  # box inpainting is tuned by digit accuracy
+    means = [c["accuracy"]["mean"] for c in reddiff["cells"]]
+    assert rows[0].split(" | ")[8:10] == [f"{min(means):.3f}", "4"]  # the worst cell; 4 cells
+    assert "Tuning on 2 validation digits at 2 NFE" in table
     assert res["settings"]["n"] == 4 and res["settings"]["images"] == "held-out test digits"
     assert res["tasks"]["inpaint:box"]["sigma_y"] == 0.05
     assert (tmp_path / "a" / "test" / "eval.png").is_file()
