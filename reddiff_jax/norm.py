@@ -29,7 +29,7 @@ def group_norm(
     scale: jax.Array,
     bias: jax.Array,
     *,
-    modulation: tuple[jax.Array, jax.Array] | None = None,
+    modulation: Modulation = None,
     silu: bool = False,
     num_groups: int = NUM_GROUPS,
     eps: float = EPS,

@@ -162,8 +162,7 @@ def _sweep_dir(out: Path, spec: str, algo: str) -> Path:
     return out / "sweeps" / f"{imageio.unique_names([spec])[0]}__{algo}"
 
 
-def _mean(cell: Mapping[str, Any], metric: str) -> str:
-    value = cell.get(metric, {}).get("mean")
+def _fmt(value: float | None, metric: str) -> str:
     return "–" if value is None else f"{value:.3f}" if metric != "psnr" else f"{value:.2f}"
 
 
@@ -196,8 +195,8 @@ def tuning_markdown(out: str | os.PathLike, *, protocol: Protocol = PROTOCOL) ->
             values = [c[metric]["mean"] for c in summary["cells"] if metric in c]
             worst = (min if sweep_lib.METRICS[metric] == "max" else max)(values)
             settings = ", ".join(f"{k} {v:g}" for k, v in best["params"].items())
-            scores = [_mean(cell, m) for m in ("psnr", "ssim", "accuracy")]
-            scores.append(_mean({metric: {"mean": worst}}, metric))
+            scores = [_fmt(cell.get(m, {}).get("mean"), m) for m in ("psnr", "ssim", "accuracy")]
+            scores.append(_fmt(worst, metric))
             seconds = f"{summary['timing']['seconds']:.0f}"
             row = [spec, f"{sigma:g}", algo, metric, settings, *scores]
             row += [str(len(summary["cells"])), seconds]
