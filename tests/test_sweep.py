@@ -88,6 +88,16 @@ def test_cells_match_a_plain_solve_many_and_resume(tiny_model, tmp_path, counted
                             out=tmp_path)  # fmt: skip
     assert again["timing"]["solves"] == 0 and again["cells"] == res["cells"]
     assert counted["n"] == before
+    # a widened grid solves only its new cells; the seconds of all runs add up
+    wide = {k: [*v, 0.75] for k, v in grid.items()}
+    more = sweep_lib.sweep(key, grid=wide, task="inpaint:box", n=3, steps=STEPS,
+                           model=tiny_model, chunk=4, lpips=False, progress=False,
+                           out=tmp_path)  # fmt: skip
+    assert more["timing"]["solves"] == 3 * (len(more["cells"]) - len(res["cells"]))
+    assert [c for c in more["cells"] if c["params"]["lam"] != 0.75] == res["cells"]
+    t0, t1 = again["timing"], more["timing"]
+    assert t1["seconds_all_runs"] == pytest.approx(t0["seconds_all_runs"] + t1["seconds"])
+    assert t0["seconds_all_runs"] >= res["timing"]["seconds"]
     with pytest.raises(FileExistsError, match="other settings"):
         sweep_lib.sweep(key, grid=grid, task="inpaint:box", n=2, steps=STEPS, model=tiny_model,
                         chunk=4, lpips=False, progress=False, out=tmp_path)  # fmt: skip
