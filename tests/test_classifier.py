@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import scipy.linalg
 
-from reddiff_jax import assets, metrics
+from reddiff_jax import assets, imageio, metrics, operators
 from reddiff_jax.classifier import (
     Classifier,
     ClassifierConfig,
@@ -64,6 +64,19 @@ def test_shipped_classifier_heldout_accuracy_is_at_least_98_5_percent(clf, heldo
     assert accuracy >= 0.985, accuracy
     # the card's figure came from the same computation; allow 2 digits of cross-CPU round-off
     assert abs(accuracy - clf.info["heldout_accuracy"]) <= 0.002
+
+
+def test_hdr_start_is_read_as_well_as_the_truth(clf, heldout):
+    """The README's HDR claim: digit accuracy cannot rise on HDR, because the pseudo-inverse
+    start is misread on exactly the digits whose ground truth is misread (first 200)."""
+    images, labels = heldout[0][:200], heldout[1][:200]
+    op = operators.make_from_spec("hdr", images.shape[1:])
+    start = jax.vmap(op.A_dagger)(jax.vmap(op.A)(to_float(images)))
+    wrong_truth = np.flatnonzero(~classifier_accuracy(images, labels, classifier=clf))
+    start_u8 = imageio.to_uint8(np.asarray(start))
+    wrong_start = np.flatnonzero(~classifier_accuracy(start_u8, labels, classifier=clf))
+    np.testing.assert_array_equal(wrong_truth, [19, 49, 75])
+    np.testing.assert_array_equal(wrong_start, wrong_truth)
 
 
 def test_features_logits_and_probabilities(clf, heldout):
