@@ -291,17 +291,17 @@ def evaluate(
                 "algo": algo,
                 "config": pipeline.config_record(config),
             }
-            stem = out / "results" / f"{imageio.unique_names([task])[0]}__{algo}"
-            cached = _read_json(stem.with_suffix(".json"))
-            x_u8 = _read_images(stem.with_suffix(".npz"), (n, *image_shape))
+            # not Path.with_suffix: a task such as inpaint:random:0.8 has a dot in its name
+            stem = f"{imageio.unique_names([task])[0]}__{algo}"
+            json_path, npz_path = (out / "results" / (stem + ext) for ext in (".json", ".npz"))
+            cached = _read_json(json_path)
+            x_u8 = _read_images(npz_path, (n, *image_shape))
             if cached is None or cached.get("settings") != record_settings or x_u8 is None:
                 row, x_u8 = _run_pair(algo, model, op, y, config, k_solve, batch, progress)
                 row = {**_summary(_per_image(x_u8, truth, use_lpips, judge, labels), k_boot),
                        **row}  # fmt: skip
-                _write_images(stem.with_suffix(".npz"), x_u8)
-                imageio.atomic_write_json(
-                    stem.with_suffix(".json"), {"settings": record_settings, "row": row}
-                )
+                _write_images(npz_path, x_u8)
+                imageio.atomic_write_json(json_path, {"settings": record_settings, "row": row})
                 cached = {"row": row}
             task_out["algos"][algo] = cached["row"]
             shown[task][algo] = x_u8[figure_index]

@@ -67,6 +67,17 @@ def test_eval_table_skips_reruns_and_reproduces(tiny_model, tmp_path, monkeypatc
         assert got["pinv"][m] == want["pinv"][m]
 
 
+def test_a_task_with_a_dot_keeps_one_result_per_algorithm(tiny_model, tmp_path, monkeypatch):
+    """inpaint:random:0.5 has a dot in its name: each pair keeps its own files, and resumes."""
+    task = "inpaint:random:0.5"
+    res = _evaluate(tiny_model, tmp_path, tasks=(task,), n=2)
+    names = sorted(p.name for p in (tmp_path / "results").iterdir())
+    want = [f"inpaint_random_0.5__{a}.{e}" for a in ("ddrm", "reddiff") for e in ("json", "npz")]
+    assert names == want
+    monkeypatch.setattr(pipeline.solvers, "solve", lambda *a, **k: pytest.fail("solved again"))
+    assert _evaluate(tiny_model, tmp_path, tasks=(task,), n=2)["tasks"] == res["tasks"]
+
+
 def test_eval_argument_errors(tiny_model, tmp_path):
     with pytest.raises(ValueError, match="algo: expected one of"):
         _evaluate(tiny_model, tmp_path, algos=("magic",))
