@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from reddiff_jax.precision import accumulation_dtype
 
@@ -63,10 +64,22 @@ def group_norm(
 
 
 def _group_mean(per_channel: jax.Array, num_groups: int) -> jax.Array:
-    """[N, C] -> [N, C]: the mean over each group's channels, repeated over the group."""
+    """[N, C] -> [N, C]: the mean over each group's channels, repeated over the group.
+
+    The repeat is a product with the [G, C] one-hot membership matrix (exact: one term of
+    each sum is nonzero and it is multiplied by 1). A product's result is a materialised
+    [N, C] array, so the elementwise pass after it broadcasts [N, C] along H*W. A
+    `jnp.repeat` instead is fused into that pass as a per-element gather from [N, G] (index
+    c // (C/G)), which XLA CPU does not vectorise: at 8x32x32x64 it made the forward
+    GroupNorm+SiLU 1.2 ms against 0.64 ms with the product (interleaved, one run).
+    """
     n, c = per_channel.shape
-    g = jnp.mean(per_channel.reshape(n, num_groups, c // num_groups), axis=-1)
-    return jnp.repeat(g, c // num_groups, axis=-1)
+    size = c // num_groups
+    if size == 1:
+        return per_channel
+    g = jnp.mean(per_channel.reshape(n, num_groups, size), axis=-1)
+    members = np.kron(np.eye(num_groups), np.ones((1, size)))  # [G, C]
+    return jnp.dot(g, jnp.asarray(members, g.dtype), precision=jax.lax.Precision.HIGHEST)
 
 
 def _normalize(

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from jax.test_util import check_grads
 
-from reddiff_jax.norm import group_norm
+from reddiff_jax.norm import _group_mean, group_norm
 
 N, H, W, C = 2, 4, 4, 64
 
@@ -155,3 +155,14 @@ def test_channels_must_split_into_groups():
     x = jnp.zeros((1, 2, 2, 48))
     with pytest.raises(ValueError, match="48 channels do not split into 32 groups"):
         group_norm(x, jnp.ones(48), jnp.zeros(48))
+
+
+@pytest.mark.parametrize("channels", [32, 64, 256])
+def test_group_mean_repeat_by_product_is_exact(channels):
+    """The one-hot product that repeats each group's mean equals reshape-mean-repeat bit for bit."""
+    v = jax.random.normal(jax.random.key(7), (3, channels)) * 10.0
+    size = channels // 32
+    want = jnp.repeat(jnp.mean(v.reshape(3, 32, size), axis=-1), size, axis=-1)
+    got = jax.jit(_group_mean, static_argnums=1)(v, 32)
+    chex.assert_shape(got, (3, channels))
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
