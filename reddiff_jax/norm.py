@@ -99,5 +99,19 @@ def _normalize(
     if mod is not None:
         m_scale, m_shift = mod
         a, b = a * (1 + m_scale), b * (1 + m_scale) + m_shift
-    z = xf * a[:, None, :] + b[:, None, :]
+    z = _scale_rows(xf, a) + b[:, None, :]
     return jax.nn.silu(z) if silu else z
+
+
+def _scale_rows(xf: jax.Array, a: jax.Array) -> jax.Array:
+    """xf [N, HW, C] times a [N, C] broadcast along HW.
+
+    Its transpose with respect to `a` is the reduction sum_HW(ct * xf). On XLA CPU at N = 1
+    that `reduce(multiply(p, q))` runs far below memory speed (1x1024x64: 0.67 ms, against
+    0.06 ms for the same contraction as a `dot_general`), so there the product is written as
+    an einsum, whose transpose is a `dot_general`; at N >= 2 the plain product's reduction
+    is as fast or faster (8x1024x64 GroupNorm+SiLU with input VJP: 2.19 vs 2.45 ms).
+    """
+    if xf.shape[0] == 1 and jax.default_backend() == "cpu":
+        return jnp.einsum("nhc,nc->nhc", xf, a)
+    return xf * a[:, None, :]

@@ -30,7 +30,7 @@ def _inputs(dtype=np.float32):
 
 
 def _reference(x, scale, bias, m_scale, m_shift, *, modulate, silu):
-    xg = x.reshape(N, H * W, 32, C // 32)
+    xg = x.reshape(x.shape[0], H * W, 32, C // 32)
     mean = xg.mean(axis=(1, 3), keepdims=True)
     var = jnp.square(xg - mean).mean(axis=(1, 3), keepdims=True)
     y = ((xg - mean) / jnp.sqrt(var + 1e-5)).reshape(x.shape) * scale + bias
@@ -166,3 +166,18 @@ def test_group_mean_repeat_by_product_is_exact(channels):
     got = jax.jit(_group_mean, static_argnums=1)(v, 32)
     chex.assert_shape(got, (3, channels))
     np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+
+
+def test_batch_of_one_matches_float64():
+    """Batch 1 takes the einsum form of the per-(n, c) product (``norm._scale_rows``)."""
+    args = tuple(a[:1] for a in _inputs())
+    ct = np.random.default_rng(4).normal(size=(1, H, W, C)).astype(np.float32)
+    f = lambda *a: _ours(*a, modulate=True, silu=True)  # noqa: E731
+    ref = lambda *a: _reference(*a, modulate=True, silu=True)  # noqa: E731
+    _close(jax.jit(f)(*args), _float64(ref, *args), 2e-6)
+    pullback = lambda g: lambda *a: jax.vjp(g, *a[:-1])[1](a[-1])  # noqa: E731
+    _close(jax.jit(pullback(f))(*args, ct), _float64(pullback(ref), *args, ct), 2e-5)
+    with jax.enable_x64(True):
+        check_grads(
+            f, tuple(jnp.asarray(a, jnp.float64) for a in args), order=2, modes=("fwd", "rev")
+        )
