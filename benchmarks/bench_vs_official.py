@@ -49,7 +49,7 @@ import bench_unet  # noqa: E402
 import common  # noqa: E402
 
 from reddiff_jax import diffusion, operators  # noqa: E402
-from reddiff_jax.solvers import DPSConfig, RedDiffConfig, _microbatch, registry, solve  # noqa: E402
+from reddiff_jax.solvers import DPSConfig, RedDiffConfig, _microbatch, solve  # noqa: E402
 
 FACTOR = 4  # sr4
 LAM, LR, ZETA = 0.25, 0.1, 1.0  # official RED-Diff defaults; DPS's sr4 script value
@@ -168,8 +168,7 @@ def jax_rows(args: argparse.Namespace) -> list[dict[str, Any]]:
 
 def auto_rows(algo: str, batch: int, devices: int) -> int:
     """The images per device per network call that ``solve`` picks by default (0: whole)."""
-    backend, backprop = jax.default_backend(), registry.get(algo).backprop
-    return _microbatch.auto_rows(batch, devices, backend, backprop=backprop)
+    return _microbatch.auto_rows(batch, devices, jax.default_backend())
 
 
 def measurements(op: Any, batch: int, size: int, ch: int) -> np.ndarray:

@@ -4,14 +4,14 @@ Why. On XLA CPU the UNet's activations for a device's whole share of a large bat
 of 32x32x64 floats per layer and more) do not stay in cache between its convolutions, norms and
 attention; run four images at a time they do: a RED-Diff solve at batch 32 over 2 CPU devices
 ran 1.43x faster (``benchmarks/bench_vs_official.py``, which times both in one run). On GPU/TPU
-a larger batch is always better, so :func:`auto_rows` selects it for forward-only algorithms on
-the CPU backend only.
+a larger batch is always better, so :func:`auto_rows` selects it on the CPU backend only.
 
 Algorithms that differentiate the network (DPS, ΠGDM) call :func:`map_chunks`: each chunk's
 forward and VJP run together inside the map, so only one chunk's activations are live at a
 time. That lowers the temporary memory of a DPS solve at batch 32 (fixture UNet) from 414 MiB to
-57 MiB at 4 images a chunk, but on this CPU it is no faster (5.73-6.04 s vs 5.91 s for 10
-steps, one run), so it runs only when ``micro_batch`` asks for it.
+57 MiB at 4 images a chunk. Its time: 5.73-6.04 s vs 5.91 s whole for 10 steps in a first run;
+after the GroupNorm changes of 2026-12-03, 3.99 vs 4.15 s at batch 32 and 1.90 vs 2.08 s at
+batch 16 (2 CPU devices, medians of 5 interleaved). Never slower, so it is the default too.
 
 Layout. A batch sharded over D devices holds rows ``[d * B/D, (d+1) * B/D)`` on device d. The
 chunks are strided: with ``n = B / (rows * D)`` chunks, chunk i holds the rows ``j * n + i``
@@ -36,14 +36,13 @@ __all__ = ["ROWS", "Microbatched", "auto_rows", "map_chunks"]
 ROWS = 4  # images per device per chunk on XLA CPU (measured: benchmarks/bench_vs_official.py)
 
 
-def auto_rows(batch: int, devices: int, backend: str, *, backprop: bool = False) -> int:
+def auto_rows(batch: int, devices: int, backend: str) -> int:
     """Images per device per chunk for a batch of ``batch`` over ``devices``; 0: no chunking.
 
-    Chunks only on the CPU backend, for an algorithm that does not differentiate the network
-    (``backprop=False``), and only when each device holds at least two chunks of :data:`ROWS`
-    images that divide its share.
+    Chunks only on the CPU backend, and only when each device holds at least two chunks of
+    :data:`ROWS` images that divide its share.
     """
-    if backend != "cpu" or backprop or batch % devices:
+    if backend != "cpu" or batch % devices:
         return 0
     local = batch // devices
     return ROWS if local >= 2 * ROWS and local % ROWS == 0 else 0

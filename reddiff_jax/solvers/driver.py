@@ -457,9 +457,7 @@ def _with_micro(statics: _Statics, micro_batch: int | None) -> _Statics:
     mesh, size, devices = statics.mesh, statics.x_shape[0], _data_devices(statics)
     if micro_batch is None:
         backend = jax.default_backend() if mesh is None else mesh.devices.flat[0].platform
-        backprop = registry.lookup(statics.config).backprop
-        rows = _microbatch.auto_rows(size, devices, backend, backprop=backprop)
-        return statics._replace(micro=rows)
+        return statics._replace(micro=_microbatch.auto_rows(size, devices, backend))
     return statics._replace(micro=_microbatch.check_rows(micro_batch, size, devices))
 
 
@@ -601,11 +599,10 @@ def solve(
         global array spanning processes (``reddiff_jax.sharding.global_batch``).
       micro_batch: images per device per network call: the batch's ``eps_fn`` calls run as a
         ``lax.map`` over strided chunks (it must act per image, as the ADM UNet does). None
-        (default): 4 on the CPU backend, for an algorithm without a network VJP (not DPS,
-        ΠGDM), when every device holds 8 or more images in multiples of 4 (faster there:
-        activations stay in cache), else off; 0: off; an int: that many
-        (a divisor of each device's share of the padded batch). DPS and ΠGDM then take each
-        chunk's VJP inside the map, which bounds their memory to one chunk's activations.
+        (default): 4 on the CPU backend when every device holds 8 or more images in
+        multiples of 4 (faster there: activations stay in cache), else off; 0: off; an int:
+        that many (a divisor of each device's share of the padded batch). DPS and ΠGDM take
+        each chunk's VJP inside the map, which bounds their memory to one chunk's activations.
         Results are unchanged up to float rounding.
 
     Returns:
