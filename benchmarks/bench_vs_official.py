@@ -155,8 +155,9 @@ def jax_rows(args: argparse.Namespace) -> list[dict[str, Any]]:
             y = jnp.asarray(measurements(op, b, size, ch))
             key = jax.random.key(0)
             t = common.median_s(lambda run=run, y=y, key=key: run(model, op, y, key), args.repeats)
+            micro = _microbatch.auto_rows(b, devices, jax.default_backend())
             row = {"algo": algo, "batch": b, "steps": args.steps, "ours_s": t,
-                   "ours_devices": devices, "ours_micro": auto_rows(algo, b, devices)}  # fmt: skip
+                   "ours_devices": devices, "ours_micro": micro}  # fmt: skip
             if row["ours_micro"]:  # the same solve without micro-batching, for the ratio
                 whole = jax_solver(algo, args.steps, devices, micro_batch=0)
                 row["ours_whole_s"] = common.median_s(
@@ -164,11 +165,6 @@ def jax_rows(args: argparse.Namespace) -> list[dict[str, Any]]:
                 )
             rows.append(row)
     return rows
-
-
-def auto_rows(algo: str, batch: int, devices: int) -> int:
-    """The images per device per network call that ``solve`` picks by default (0: whole)."""
-    return _microbatch.auto_rows(batch, devices, jax.default_backend())
 
 
 def measurements(op: Any, batch: int, size: int, ch: int) -> np.ndarray:
