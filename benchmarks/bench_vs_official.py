@@ -13,9 +13,12 @@ reddiff-jax is timed as users run it: :func:`reddiff_jax.sharding.use_cpu_cores`
 device per core, as the command line does) and the batch sharded over ``min(batch, devices)``
 devices ("ours"); and, as before that change, in a child process with JAX's default single
 CPU device ("1 device"). Each figure
-is the median of ``--repeats`` warm calls, the first (compiling) call excluded; torch runs
-after all JAX work (XLA's worker threads spin for a while after a call). The ratio printed is
-official time / ours: > 1 means reddiff-jax is faster. Usage::
+is the median of ``--repeats`` warm calls, the first (compiling) call excluded. Ours and the
+official loop are timed *interleaved*, one call of each per round with a pause between
+(``PAUSE_S``: XLA's worker threads and torch's OpenMP threads spin for a while after a call),
+so that the shared machine's slow drifts hit both sides alike; the ratio printed is the median
+of the rounds' official time / ours (> 1: reddiff-jax is faster). The one-device column comes
+from a child process, timed alone. Usage::
 
     python benchmarks/bench_vs_official.py [--batch 1,8,32] [--steps 20] [--repeats 3]
         [--torch-threads 2] [--json out.json]
@@ -26,6 +29,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -52,6 +56,7 @@ from reddiff_jax import diffusion, operators  # noqa: E402
 from reddiff_jax.solvers import DPSConfig, RedDiffConfig, _microbatch, solve  # noqa: E402
 
 FACTOR = 4  # sr4
+PAUSE_S = 0.3  # between timed calls: lets the other runtime's worker threads stop spinning
 LAM, LR, ZETA = 0.25, 0.1, 1.0  # official RED-Diff defaults; DPS's sr4 script value
 
 
@@ -139,31 +144,57 @@ def torch_solvers(fwd: Callable[..., Any], steps: int) -> dict[str, Callable[[An
 # --------------------------------------------------------------------------------------
 
 
-def jax_rows(args: argparse.Namespace) -> list[dict[str, Any]]:
-    """reddiff-jax's solve time per (algo, batch), sharded over min(batch, local devices)."""
+def jax_cases(args: argparse.Namespace) -> list[tuple[dict[str, Any], dict[str, Callable]]]:
+    """One (row, runs) per (algo, batch): ``runs["ours"]`` is reddiff-jax's solve sharded over
+    min(batch, local devices), ``runs["ours_whole"]`` (where ``solve`` micro-batches by default)
+    the same without micro-batching; each is called once here, so it is compiled and warm."""
     model, label = common.bench_model()
     size, ch = model.config.image_size, model.config.in_channels
     op = operators.make("sr", (size, size, ch), factor=FACTOR)
     ndev = len(jax.local_devices())
     print(f"model: {label}; sr{FACTOR}; {args.steps} steps; backend {jax.default_backend()}, "
           f"{ndev} device(s)")  # fmt: skip
-    rows = []
+    cases = []
     for algo in args.algos.split(","):
         for b in _batches(args.batch):
             devices = min(b, ndev)
-            run = jax_solver(algo, args.steps, devices)  # solve compiles once and caches
             y = jnp.asarray(measurements(op, b, size, ch))
-            key = jax.random.key(0)
-            t = common.median_s(lambda run=run, y=y, key=key: run(model, op, y, key), args.repeats)
             micro = _microbatch.auto_rows(b, devices, jax.default_backend())
-            row = {"algo": algo, "batch": b, "steps": args.steps, "ours_s": t,
+            row = {"algo": algo, "batch": b, "steps": args.steps,
                    "ours_devices": devices, "ours_micro": micro}  # fmt: skip
-            if row["ours_micro"]:  # the same solve without micro-batching, for the ratio
-                whole = jax_solver(algo, args.steps, devices, micro_batch=0)
-                row["ours_whole_s"] = common.median_s(
-                    lambda run=whole, y=y, key=key: run(model, op, y, key), args.repeats
-                )
-            rows.append(row)
+            variants = {"ours": None, "ours_whole": 0} if micro else {"ours": None}
+            runs = {}
+            for name, mb in variants.items():
+                solver = jax_solver(algo, args.steps, devices, micro_batch=mb)
+                runs[name] = lambda s=solver, y=y: s(model, op, y, jax.random.key(0))
+                jax.block_until_ready(runs[name]())  # compile (solve caches it) and warm up
+            cases.append((row, runs))
+    return cases
+
+
+def _time_once(fn: Callable[[], Any]) -> float:
+    t0 = time.perf_counter()
+    jax.block_until_ready(fn())
+    return time.perf_counter() - t0
+
+
+def interleaved(runs: dict[str, Callable[[], Any]], repeats: int) -> dict[str, list[float]]:
+    """Seconds per call of each of ``runs`` (warm), ``repeats`` rounds of one call each in
+    turn, ``PAUSE_S`` of idle time before every call."""
+    times: dict[str, list[float]] = {name: [] for name in runs}
+    for _ in range(repeats):
+        for name, fn in runs.items():
+            time.sleep(PAUSE_S)
+            times[name].append(_time_once(fn))
+    return times
+
+
+def jax_only_rows(args: argparse.Namespace) -> list[dict[str, Any]]:
+    """reddiff-jax's times alone (the one-device child): medians of ``--repeats`` rounds."""
+    rows = []
+    for row, runs in jax_cases(args):
+        times = interleaved(runs, args.repeats)
+        rows.append({**row, **{f"{k}_s": statistics.median(v) for k, v in times.items()}})
     return rows
 
 
@@ -199,21 +230,19 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
     p.add_argument("--jax-only", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
 
-    rows = jax_rows(args)
     if args.jax_only:
+        rows = jax_only_rows(args)
         if args.json:
             args.json.write_text(json.dumps(rows))
         return rows
     ndev = len(jax.local_devices())
-    base = one_device_rows(argv) if jax.default_backend() == "cpu" and ndev > 1 else rows
-    for row, b in zip(rows, base, strict=True):
-        row["ours_1dev_s"] = b["ours_s"]
+    base = one_device_rows(argv) if jax.default_backend() == "cpu" and ndev > 1 else None
+    cases = jax_cases(args)
 
     import torch
 
     torch.set_num_threads(args.torch_threads)
     torch.manual_seed(0)
-    time.sleep(0.5)  # let XLA's worker threads stop spinning
     try:
         fwd, kw = bench_unet.checked_torch_forward()
     except RuntimeError as e:
@@ -221,15 +250,22 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
     loops = torch_solvers(fwd, args.steps)
     size = kw["create_model_kwargs"]["image_size"]
     op = operators.make("sr", (size, size, 3), factor=FACTOR)
-    for row in rows:
+    rows = []
+    for row, runs in cases:
         y = torch.from_numpy(measurements(op, row["batch"], size, 3).transpose(0, 3, 1, 2).copy())
-        run = loops[row["algo"]]
-        row["official_s"] = common.median_s(lambda y=y, run=run: run(y), args.repeats)
-        row["official_over_ours"] = row["official_s"] / row["ours_s"]
+        runs = {**runs, "official": lambda y=y, run=loops[row["algo"]]: run(y)}
+        runs["official"]()  # warm-up
+        times = interleaved(runs, args.repeats)
+        row.update({f"{k}_s": statistics.median(v) for k, v in times.items()})
+        row["official_over_ours"] = statistics.median(
+            o / u for o, u in zip(times["official"], times["ours"], strict=True)
+        )
+        row["ours_1dev_s"] = row["ours_s"] if base is None else base[len(rows)]["ours_s"]
         row["official_over_ours_1dev"] = row["official_s"] / row["ours_1dev_s"]
+        rows.append(row)
 
     print(f"torch {torch.__version__}, {args.torch_threads} threads; times per solve "
-          f"({args.steps} steps), medians of {args.repeats}")  # fmt: skip
+          f"({args.steps} steps), medians of {args.repeats} interleaved rounds")  # fmt: skip
     print(f"\n{'algo':8} {'batch':>5} {'official s':>11} {'ours s':>8} {'devices':>7} "
           f"{'official/ours':>13} {'1 device s':>11} {'official/1dev':>13}")  # fmt: skip
     for r in rows:
