@@ -3,7 +3,8 @@
 Prints, in one run:
   1. time of one RED-Diff step (inside the compiled scan of ``solve``) over the time of one jitted
      ``eps_fn`` call at the same batch (goal <= 1.05: the solver adds ~nothing to the UNet);
-  2. a 16-measurement ``solve_many`` (one compiled call) versus 16 sequential ``solve`` calls;
+  2. a 16-measurement ``solve_many`` (one compiled call) versus 16 sequential ``solve`` calls,
+     and versus one ``solve`` of the 16 as a batch (goal: solve_many / batch <= 1);
   3. compile times (first call minus a warm call).
 
 Default: the tiny fixture UNet (``tiny_imagenet_like.pt`` converted, or the ``tiny`` preset with
@@ -121,17 +122,24 @@ def main(argv: list[str] | None = None) -> None:
     def run_seq():
         return [solve(many, model.eps, op, ys[i : i + 1], keys[i]).state.mu for i in range(m)]
 
+    def run_batch():  # the same m images as one batch (solve's defaults, micro-batching included)
+        return solve(many, model.eps, op, ys, keys).state.mu
+
     t0 = time.perf_counter()
     jax.block_until_ready(run_many())
     many_first = time.perf_counter() - t0
     jax.block_until_ready(run_seq())  # warm (the batch-1 solve is compiled once)
-    many_time = seq_time = float("inf")
+    jax.block_until_ready(run_batch())
+    many_time = seq_time = batch_time = float("inf")
     for _ in range(max(1, args.repeats // 3)):
         many_time = min(many_time, _time(run_many))
         seq_time = min(seq_time, _time(run_seq))
+        batch_time = min(batch_time, _time(run_batch))
     print(f"{m} measurements, solve_many (1 call): {many_time:9.3f} s")
     print(f"{m} measurements, {m} x solve:          {seq_time:9.3f} s")
-    print(f"  speed-up:                          {seq_time / many_time:9.2f} x")
+    print(f"{m} measurements, one solve of batch {m}: {batch_time:7.3f} s")
+    print(f"  speed-up over {m} x solve:          {seq_time / many_time:9.2f} x")
+    print(f"  ratio solve_many / one batch:      {many_time / batch_time:9.2f}   (goal <= 1)")
 
     # 3. compile times
     print(
