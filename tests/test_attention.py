@@ -100,3 +100,24 @@ def test_large_logits_stay_finite(big):
     out, pull = jax.vjp(attention.softmax_attention, q, k, v)
     assert np.isfinite(np.asarray(out)).all()
     assert all(np.isfinite(np.asarray(g)).all() for g in pull(ct))
+
+
+def test_vmapped_batches_of_one_match_the_batched_call():
+    # solve_many vmaps solves of one image each: the flattened [N * heads, T, ch] core must give
+    # what the batched call gives, value and VJP (the same arithmetic: float rounding at most)
+    q, k, v, ct = _inputs()
+
+    def value_and_pullback(q, k, v, ct):
+        out, pull = jax.vjp(attention.softmax_attention, q, k, v)
+        return out, pull(ct)
+
+    want = jax.jit(value_and_pullback)(q, k, v, ct)
+    one = jax.vmap(
+        lambda *a: jax.tree.map(lambda x: x[0], value_and_pullback(*(x[None] for x in a)))
+    )
+    got = jax.jit(one)(q, k, v, ct)
+    chex.assert_trees_all_equal_shapes(got, want)
+    for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+        np.testing.assert_allclose(
+            np.asarray(g), np.asarray(w), rtol=0, atol=1e-6 * np.abs(w).max()
+        )
