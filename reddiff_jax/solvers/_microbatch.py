@@ -12,6 +12,10 @@ time. That lowers the temporary memory of a DPS solve at batch 32 (fixture UNet)
 57 MiB at 4 images a chunk. Its time: 5.73-6.04 s vs 5.91 s whole for 10 steps in a first run;
 after the GroupNorm changes of 2026-12-03, 3.99 vs 4.15 s at batch 32 and 1.90 vs 2.08 s at
 batch 16 (2 CPU devices, medians of 5 interleaved). Never slower, so it is the default too.
+The chunk size for DPS (sr4, 10 steps, 2 CPU devices, medians of 5 interleaved, 2026-12-04):
+2 / 4 / 8 / 16 (whole) images a device at batch 32 took 2.567 / 2.564 / 2.741 / 2.872 s, 4 / 8 /
+16 at batch 64 4.96 / 5.21 / 5.37 s, 4 / 8 (whole) at batch 16 1.28 / 1.37 s: :data:`ROWS` = 4
+serves the differentiating algorithms too.
 
 Layout. A batch sharded over D devices holds rows ``[d * B/D, (d+1) * B/D)`` on device d. The
 chunks are strided: with ``n = B / (rows * D)`` chunks, chunk i holds the rows ``j * n + i``
