@@ -21,7 +21,10 @@ of the rounds' official time / ours (> 1: reddiff-jax is faster). The one-device
 from a child process, timed alone. Usage::
 
     python benchmarks/bench_vs_official.py [--batch 1,8,32] [--steps 20] [--repeats 3]
-        [--torch-threads 2] [--json out.json]
+        [--torch-threads 2] [--chunk-rows 2,8] [--json out.json]
+
+``--chunk-rows`` adds ours at those micro-batch sizes (images per device per network call,
+where they divide a device's share) to the same interleaved rounds, printed after the table.
 """
 
 from __future__ import annotations
@@ -163,6 +166,10 @@ def jax_cases(args: argparse.Namespace) -> list[tuple[dict[str, Any], dict[str, 
             row = {"algo": algo, "batch": b, "steps": args.steps,
                    "ours_devices": devices, "ours_micro": micro}  # fmt: skip
             variants = {"ours": None, "ours_whole": 0} if micro else {"ours": None}
+            share = b // devices
+            for r in _batches(args.chunk_rows) if args.chunk_rows else ():
+                if r != micro and 0 < r < share and share % r == 0:
+                    variants[f"ours_rows{r}"] = r  # more chunk sizes (--chunk-rows)
             runs = {}
             for name, mb in variants.items():
                 solver = jax_solver(algo, args.steps, devices, micro_batch=mb)
@@ -227,6 +234,7 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--torch-threads", type=int, default=2)
     p.add_argument("--json", type=Path, default=None)
+    p.add_argument("--chunk-rows", default="", help="also time these images/device/call, e.g. 2,8")
     p.add_argument("--jax-only", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
 
@@ -279,6 +287,13 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
             print(f"{r['algo']:8} {r['batch']:5d}  {r['ours_micro']} images/device/call: "
                   f"{r['ours_s']:.3f} s vs {r['ours_whole_s']:.3f} s whole batch "
                   f"(x{r['ours_whole_s'] / r['ours_s']:.2f})")  # fmt: skip
+    for r in rows:
+        sizes = sorted(int(k[9:-2]) for k in r if k.startswith("ours_rows") and k.endswith("_s"))
+        if sizes:
+            default = f"{r['ours_micro'] or 'whole'} (default) {r['ours_s']:.3f} s"
+            extra = ", ".join(f"{n} {r[f'ours_rows{n}_s']:.3f} s" for n in sizes)
+            print(f"chunk sizes, {r['algo']} batch {r['batch']}: images/device/call {default}, "
+                  f"{extra}")  # fmt: skip
     if args.json:
         args.json.write_text(json.dumps(rows, indent=1))
     return rows

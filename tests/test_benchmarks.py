@@ -75,6 +75,14 @@ def test_bench_vs_official_times_both_sides(tmp_path):
         assert r["ours_s"] > 0 and r["official_s"] > 0 and r["ours_1dev_s"] > 0
 
 
+def test_bench_vs_official_times_extra_chunk_sizes():
+    bench = _load("bench_vs_official")
+    rows = bench.main(["--algos", "dps", "--batch", "4", "--steps", "2", "--repeats", "1",
+                       "--chunk-rows", "1"])  # fmt: skip
+    (row,) = rows  # 1 image a call: 4 or 2 a device on 1 or 2 devices
+    assert row["ours_rows1_s"] > 0 and row["official_s"] > 0
+
+
 def test_bench_bf16_reports_the_error(tmp_path):
     bench = _load("bench_bf16")
     (row,) = bench.main(["--n", "2", "--steps", "3", "--tasks", "sr:4"])
