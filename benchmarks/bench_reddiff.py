@@ -4,7 +4,10 @@ Prints, in one run:
   1. time of one RED-Diff step (inside the compiled scan of ``solve``) over the time of one jitted
      ``eps_fn`` call at the same batch (goal <= 1.05: the solver adds ~nothing to the UNet);
   2. a 16-measurement ``solve_many`` (one compiled call) versus 16 sequential ``solve`` calls,
-     and versus one ``solve`` of the 16 as a batch (goal: solve_many / batch <= 1);
+     and versus one ``solve`` of the 16 as a batch (goal: solve_many / batch <= 1), for
+     ``--algo`` (RED-Diff or DPS); with ``--devices N`` both are sharded over N CPU devices (as
+     the command line runs them), and ``solve_many`` unchunked (``micro_batch=0``) is timed in
+     the same rounds;
   3. compile times (first call minus a warm call).
 
 Default: the tiny fixture UNet (``tiny_imagenet_like.pt`` converted, or the ``tiny`` preset with
@@ -13,6 +16,7 @@ random weights if the fixture is absent) at 32x32 on whatever JAX runs on (CPU h
 a GPU. Usage::
 
     python benchmarks/bench_reddiff.py [--size 32|256] [--batch 1] [--steps 20] [--many 16]
+        [--algo reddiff|dps] [--devices 1]
 """
 
 from __future__ import annotations
@@ -27,9 +31,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from reddiff_jax import operators
+from reddiff_jax import operators, sharding
 from reddiff_jax.model import ScoreModel
-from reddiff_jax.solvers import RedDiffConfig, solve, solve_many
+from reddiff_jax.solvers import DPSConfig, RedDiffConfig, solve, solve_many
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
@@ -45,7 +49,8 @@ def _best_time(fn, repeats: int) -> float:
     return min(_time(fn) for _ in range(repeats))
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> dict[str, float]:
+    """Runs the benchmark, prints its table and returns its figures (seconds and ratios)."""
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--size", type=int, choices=(32, 256), default=32)
     p.add_argument("--batch", type=int, default=1)
@@ -53,7 +58,13 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--many", type=int, default=16)
     p.add_argument("--repeats", type=int, default=10, help="timing rounds (best is kept)")
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
+    p.add_argument("--algo", choices=("reddiff", "dps"), default="reddiff",
+                   help="the solver of section 2 (solve_many vs one batch)")  # fmt: skip
+    p.add_argument("--devices", type=int, default=1,
+                   help="CPU devices section 2 shards over (set before JAX starts)")  # fmt: skip
     args = p.parse_args(argv)
+    if args.devices > 1:
+        sharding.use_cpu_cores(args.devices)
 
     model, label = common.bench_model(args.size, args.dtype)
     s = model.config.image_size
@@ -111,41 +122,59 @@ def main(argv: list[str] | None = None) -> None:
         f"{statistics.median(rounds['solve']) / statistics.median(rounds['eps']):.3f})"
     )
 
-    # 2. many measurements: one vmapped call vs sequential calls
+    # 2. many measurements: one vmapped call vs sequential calls vs one batch, in alternating
+    # rounds (best kept); the sequential batch-1 solves run on one device
     m = args.many
     keys = jax.random.split(key, m)
-    many = RedDiffConfig(num_steps=args.steps, lr=0.1)
+    if args.algo == "reddiff":
+        many = RedDiffConfig(num_steps=args.steps, lr=0.1)
+    else:
+        many = DPSConfig(num_steps=args.steps)
+    mesh = sharding.data_mesh(args.devices) if args.devices > 1 else None
 
-    def run_many():
-        return solve_many(many, model.eps, op, ys, keys, op_axis=None).state.mu
+    def run_many(micro_batch=None):
+        return solve_many(many, model.eps, op, ys, keys, op_axis=None, mesh=mesh,
+                          micro_batch=micro_batch).x  # fmt: skip
 
     def run_seq():
-        return [solve(many, model.eps, op, ys[i : i + 1], keys[i]).state.mu for i in range(m)]
+        return [solve(many, model.eps, op, ys[i : i + 1], keys[i]).x for i in range(m)]
 
     def run_batch():  # the same m images as one batch (solve's defaults, micro-batching included)
-        return solve(many, model.eps, op, ys, keys).state.mu
+        return solve(many, model.eps, op, ys, keys, mesh=mesh).x
 
     t0 = time.perf_counter()
     jax.block_until_ready(run_many())
     many_first = time.perf_counter() - t0
+    jax.block_until_ready(run_many(0))
     jax.block_until_ready(run_seq())  # warm (the batch-1 solve is compiled once)
     jax.block_until_ready(run_batch())
-    many_time = seq_time = batch_time = float("inf")
+    best = dict.fromkeys(("many", "many_whole", "seq", "batch"), float("inf"))
     for _ in range(max(1, args.repeats // 3)):
-        many_time = min(many_time, _time(run_many))
-        seq_time = min(seq_time, _time(run_seq))
-        batch_time = min(batch_time, _time(run_batch))
-    print(f"{m} measurements, solve_many (1 call): {many_time:9.3f} s")
-    print(f"{m} measurements, {m} x solve:          {seq_time:9.3f} s")
-    print(f"{m} measurements, one solve of batch {m}: {batch_time:7.3f} s")
-    print(f"  speed-up over {m} x solve:          {seq_time / many_time:9.2f} x")
-    print(f"  ratio solve_many / one batch:      {many_time / batch_time:9.2f}   (goal <= 1)")
+        for name, fn in (("many", run_many), ("many_whole", lambda: run_many(0)),
+                         ("seq", run_seq), ("batch", run_batch)):  # fmt: skip
+            best[name] = min(best[name], _time(fn))
+    where = f"{args.devices} device(s)"
+    print(f"{m} measurements, {args.algo}, on {where}:")
+    print(f"  solve_many (1 call, defaults):     {best['many']:9.3f} s")
+    print(f"  solve_many, micro_batch=0:         {best['many_whole']:9.3f} s")
+    print(f"  {m} x solve (batch 1, one device):  {best['seq']:9.3f} s")
+    print(f"  one solve of batch {m}:             {best['batch']:9.3f} s")
+    print(f"  speed-up over {m} x solve:          {best['seq'] / best['many']:9.2f} x")
+    print(f"  ratio solve_many / one batch:      {best['many'] / best['batch']:9.3f}   (goal <= 1)")
+    print(f"  ratio defaults / micro_batch=0:    {best['many'] / best['many_whole']:9.3f}")
 
     # 3. compile times
     print(
         f"compile: eps_fn {eps_compile:.2f} s (first call); solve {solve_first - solve_time:.2f} s;"
-        f" solve_many {many_first - many_time:.2f} s"
+        f" solve_many {many_first - best['many']:.2f} s"
     )
+    return {
+        "eps_call_s": eps_time,
+        "step_s": step_time,
+        "step_over_eps": step_time / eps_time,
+        **{f"{name}_s": v for name, v in best.items()},
+        "many_over_batch": best["many"] / best["batch"],
+    }
 
 
 if __name__ == "__main__":

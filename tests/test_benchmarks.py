@@ -89,3 +89,11 @@ def test_bench_bf16_reports_the_error(tmp_path):
     assert row["task"] == "sr:4"
     # bf16 moves the restoration, but by far less than the restoration's own error
     assert 0 < row["max_abs"] < 1 and row["psnr_bf16_vs_f32"] > row["psnr_f32"] > 5
+
+
+def test_bench_reddiff_times_solve_many_against_the_batch():
+    bench = _load("bench_reddiff")
+    got = bench.main(["--steps", "2", "--many", "4", "--repeats", "1", "--algo", "dps"])
+    want = {"eps_call_s", "step_s", "step_over_eps", "many_s", "many_whole_s", "seq_s", "batch_s",
+            "many_over_batch"}  # fmt: skip
+    assert set(got) == want and all(v > 0 and v < float("inf") for v in got.values()), got

@@ -3,13 +3,22 @@ one, when the default selects it, and the errors. The sharded case is in test_sh
 
 from __future__ import annotations
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from reddiff_jax import operators
-from reddiff_jax.solvers import DPSConfig, PGDMConfig, RedDiffConfig, _microbatch, solve
+from reddiff_jax.solvers import (
+    DPSConfig,
+    PGDMConfig,
+    RedDiffConfig,
+    _microbatch,
+    solve,
+    solve_many,
+)
+from reddiff_jax.solvers.base import schedule_of
 
 SHAPE = (4, 4, 2)
 
@@ -49,30 +58,82 @@ def test_chunked_call_equals_the_whole_call(batch, rows, devices, calls):
 
 def test_auto_rows():
     auto = _microbatch.auto_rows
-    assert auto(32, 2, "cpu") == 4 and auto(8, 1, "cpu") == 4 and auto(12, 1, "cpu") == 4
+    assert auto(32, 2, "cpu") == 4 and auto(16, 2, "cpu") == 4 and auto(24, 2, "cpu") == 4
     assert auto(8, 2, "cpu") == 0  # 4 a device: one chunk, nothing to gain
-    assert auto(10, 1, "cpu") == 0 and auto(9, 2, "cpu") == 0  # 4 does not divide the share
+    assert auto(20, 2, "cpu") == 0 and auto(18, 2, "cpu") == 0  # 4 does not divide the share
+    assert auto(8, 1, "cpu") == 0 and auto(32, 1, "cpu") == 0  # one CPU device: whole is faster
     assert auto(32, 2, "gpu") == 0 and auto(32, 1, "tpu") == 0
 
 
-def test_solve_default_chunks_the_network_call():
+def test_solve_chunks_the_network_call_on_request():
+    """One device: whole by default (measured faster there); micro_batch=4 runs chunks of 4 with
+    the whole call's result. The multi-device default is in test_sharding."""
     x = np.random.default_rng(0).uniform(-1, 1, (8, *SHAPE)).astype(np.float32)
     y, key = jax.vmap(OP.A)(jnp.asarray(x)), jax.random.key(1)
     cfg = RedDiffConfig(num_steps=4, lr=0.2, reduction="image_mean")
     eps, seen = _recording(per_image_eps)
-    auto = solve(cfg, eps, OP, y, key)
-    assert set(seen) == ({4} if jax.default_backend() == "cpu" else {8})
-    whole = solve(cfg, per_image_eps, OP, y, key, micro_batch=0)
-    np.testing.assert_allclose(auto.x, whole.x, rtol=1e-6, atol=1e-6)
-    np.testing.assert_allclose(auto.info["loss"], whole.info["loss"], rtol=1e-5)
+    whole = solve(cfg, eps, OP, y, key)
+    assert set(seen) == {8}
+    eps, seen = _recording(per_image_eps)
+    four = solve(cfg, eps, OP, y, key, micro_batch=4)
+    assert set(seen) == {4}
+    np.testing.assert_allclose(four.x, whole.x, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(four.info["loss"], whole.info["loss"], rtol=1e-5)
 
-    # DPS differentiates the network: chunked by default too (forward and VJP per chunk)
+    # DPS differentiates the network: its forward and VJP run per chunk
     dps = DPSConfig(num_steps=4, zeta=0.02)
     eps, seen = _recording(per_image_eps)
-    auto = solve(dps, eps, OP, y, key)
-    assert set(seen) == ({4} if jax.default_backend() == "cpu" else {8})
-    whole = solve(dps, per_image_eps, OP, y, key, micro_batch=0)
-    np.testing.assert_allclose(auto.x, whole.x, rtol=1e-5, atol=1e-6)
+    four = solve(dps, eps, OP, y, key, micro_batch=4)
+    assert set(seen) == {4}
+    whole = solve(dps, per_image_eps, OP, y, key)
+    np.testing.assert_allclose(four.x, whole.x, rtol=1e-5, atol=1e-6)
+
+
+def _many_inputs(num: int):
+    """num measurements, each with its own 2x2-block mask (stacked operator leaves)."""
+    rng = np.random.default_rng(num)
+    x = jnp.asarray(rng.uniform(-1, 1, (num, *SHAPE)), jnp.float32)
+    masks = jnp.asarray(rng.uniform(size=(num, *SHAPE)) > 0.3, jnp.float32)
+    ops = jax.vmap(lambda m: operators.Inpainting.create(SHAPE, mask=m))(masks)
+    return ops, x * ops.mask, jax.random.split(jax.random.key(7), num)
+
+
+@pytest.mark.parametrize(
+    "config",
+    [RedDiffConfig(num_steps=4, lr=0.2), DPSConfig(num_steps=4, zeta=0.02, eta=0.5)],
+    ids=["reddiff", "dps"],
+)
+def test_solve_many_in_chunks_equals_the_whole_vmap(config, monkeypatch):
+    """micro_batch=2: the 12 solves run as 6 chunks of 2 (stacked operators, a per-measurement
+    hyper-parameter, trajectories); every output equals the unchunked call's."""
+    ops, ys, keys = _many_inputs(12)
+    name = "lam" if isinstance(config, RedDiffConfig) else "zeta"
+    hyper = {name: jnp.linspace(0.01, 0.3, 12)}
+    whole = solve_many(config, per_image_eps, ops, ys, keys, hyper=hyper, trajectory=True)
+    chunks, real_map = [], _microbatch.Microbatched.map
+
+    def spy(self, f, *batched):
+        chunks.append((batched[0].shape[0], self.chunk))
+        return real_map(self, f, *batched)
+
+    monkeypatch.setattr(_microbatch.Microbatched, "map", spy)
+    two = solve_many(config, per_image_eps, ops, ys, keys, hyper=hyper, trajectory=True,
+                     micro_batch=2)  # fmt: skip
+    assert chunks == [(12, 2)]  # traced once: 12 measurements in chunks of 2
+    assert jax.tree.structure(two) == jax.tree.structure(whole)
+    for got, want in zip(jax.tree.leaves(two), jax.tree.leaves(whole), strict=True):
+        chex.assert_equal_shape([got, want])
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+    # a shared operator and replayed draws chunk alike
+    one_op = jax.tree.map(lambda v: v[0], ops)
+    solver = config.build(per_image_eps, one_op, alphas_cumprod=schedule_of(config, None))
+    k, rng = config.num_iterations, np.random.default_rng(5)
+    noise = {n: rng.normal(size=(12, *SHAPE)) for n in solver.init_draws}
+    noise.update({n: rng.normal(size=(12, k, *SHAPE)) for n in solver.step_draws})
+    kw = {"op_axis": None, "noise": noise}
+    whole = solve_many(config, per_image_eps, one_op, ys, None, **kw)
+    three = solve_many(config, per_image_eps, one_op, ys, None, micro_batch=3, **kw)
+    np.testing.assert_allclose(three.x, whole.x, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("config", [DPSConfig(num_steps=3, zeta=0.05), PGDMConfig(num_steps=3)])
@@ -107,3 +168,6 @@ def test_bad_micro_batch(bad):
     y = jnp.zeros((8, 2, 2, 2))
     with pytest.raises(ValueError, match="micro_batch"):
         solve(RedDiffConfig(num_steps=2), per_image_eps, OP, y, jax.random.key(0), micro_batch=bad)
+    with pytest.raises(ValueError, match="micro_batch"):
+        solve_many(RedDiffConfig(num_steps=2), per_image_eps, OP, y, jax.random.key(0),
+                   op_axis=None, micro_batch=bad)  # fmt: skip

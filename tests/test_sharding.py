@@ -183,6 +183,12 @@ _EIGHT = textwrap.dedent(
         a_m = jax.tree.map(lambda v: v[:m], a)
         out[f"many{m}"] = {"x": err(a_m.x, b.x), "info": err(a_m.info, b.info),
                            "shape": list(b.x.shape), "spec": str(b.x.sharding.spec)}
+    # micro-batched over the mesh: 13 padded to 16, 2 strided chunks of 1 a device
+    b = solve_many(cfg, toy_eps, type(OP)(masks[:13]), Y[:13] * masks[:13], keys[:13],
+                   hyper={"lam": lams[:13]}, mesh=mesh, micro_batch=1)
+    a_m = jax.tree.map(lambda v: v[:13], a)
+    out["many_micro"] = {"x": err(a_m.x, b.x), "info": err(a_m.info, b.info),
+                         "shape": list(b.x.shape), "spec": str(b.x.sharding.spec)}
 
     # the compiled scan program of a sharded solve: a while loop with no host callback
     hlo = real.lower(*calls[-1]).compile().as_text()
@@ -212,6 +218,8 @@ def test_eight_devices_equal_one():
         assert out[f"many{m}"]["shape"] == [m, *SHAPE]
         assert out[f"many{m}"]["x"] <= 1e-6 and out[f"many{m}"]["info"] <= 1e-6, out
     assert out["many16"]["spec"] == "P('data',)"  # the result stays sharded
+    many = out["many_micro"]
+    assert many["shape"] == [13, *SHAPE] and many["x"] <= 1e-6 and many["info"] <= 1e-6, many
     micro = out["micro"]  # network calls on 32 images (4 of each device's 8) at a time
     assert micro["x"] <= 1e-6 and micro["info"] <= 1e-6 and micro["calls"] == [32], micro
     assert micro["spec"] == "P('data',)"

@@ -17,6 +17,13 @@ The chunk size for DPS (sr4, 10 steps, 2 CPU devices, medians of 5 interleaved, 
 16 at batch 64 4.96 / 5.21 / 5.37 s, 4 / 8 (whole) at batch 16 1.28 / 1.37 s: :data:`ROWS` = 4
 serves the differentiating algorithms too.
 
+One CPU device is the exception: there the chunked solve was the slower one (fixture UNet, sr4,
+min of 4-6 interleaved rounds, 2026-12-04): RED-Diff at batch 16 2.36 s chunked against 2.20 s
+whole, DPS at batch 16 2.90 against 2.75 s, and for ``solve_many`` 2.37 / 2.25 s (RED-Diff, 16),
+2.41 / 2.20 s (RED-Diff, 32), 6.04 / 5.64 s (DPS, 32). So :func:`auto_rows` chunks on a mesh of
+two or more CPU devices only (the command line's one device per core); ``micro_batch=`` still
+chunks one device on request (a DPS solve's memory).
+
 Layout. A batch sharded over D devices holds rows ``[d * B/D, (d+1) * B/D)`` on device d. The
 chunks are strided: with ``n = B / (rows * D)`` chunks, chunk i holds the rows ``j * n + i``
 (``j < rows * D``), ``rows`` of them on every device, so every device works on every chunk.
@@ -43,10 +50,10 @@ ROWS = 4  # images per device per chunk on XLA CPU (measured: benchmarks/bench_v
 def auto_rows(batch: int, devices: int, backend: str) -> int:
     """Images per device per chunk for a batch of ``batch`` over ``devices``; 0: no chunking.
 
-    Chunks only on the CPU backend, and only when each device holds at least two chunks of
-    :data:`ROWS` images that divide its share.
+    Chunks only on the CPU backend with two or more devices, and only when each device holds
+    at least two chunks of :data:`ROWS` images that divide its share.
     """
-    if backend != "cpu" or batch % devices:
+    if backend != "cpu" or devices < 2 or batch % devices:
         return 0
     local = batch // devices
     return ROWS if local >= 2 * ROWS and local % ROWS == 0 else 0
