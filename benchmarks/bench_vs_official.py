@@ -162,7 +162,7 @@ def jax_cases(args: argparse.Namespace) -> list[tuple[dict[str, Any], dict[str, 
         for b in _batches(args.batch):
             devices = min(b, ndev)
             y = jnp.asarray(measurements(op, b, size, ch))
-            micro = _microbatch.auto_rows(b, devices, jax.default_backend())
+            micro = _microbatch.auto_rows(b, devices, jax.default_backend(), algo != "reddiff")
             row = {"algo": algo, "batch": b, "steps": args.steps,
                    "ours_devices": devices, "ours_micro": micro}  # fmt: skip
             variants = {"ours": None, "ours_whole": 0} if micro else {"ours": None}

@@ -62,6 +62,11 @@ def test_auto_rows():
     assert auto(8, 2, "cpu") == 0  # 4 a device: one chunk, nothing to gain
     assert auto(20, 2, "cpu") == 0 and auto(18, 2, "cpu") == 0  # 4 does not divide the share
     assert auto(8, 1, "cpu") == 0 and auto(32, 1, "cpu") == 0  # one CPU device: whole is faster
+    # a network VJP (DPS, ΠGDM) also chunks a share of 4 or 6 by 2; a share of 8+ still by 4
+    assert auto(8, 2, "cpu", backprop=True) == 2 and auto(12, 2, "cpu", backprop=True) == 2
+    assert auto(16, 2, "cpu", backprop=True) == 4 and auto(24, 2, "cpu", backprop=True) == 4
+    assert auto(4, 2, "cpu", backprop=True) == 0 and auto(10, 2, "cpu", backprop=True) == 0
+    assert auto(8, 1, "cpu", backprop=True) == 0 and auto(8, 2, "gpu", backprop=True) == 0
     assert auto(32, 2, "gpu") == 0 and auto(32, 1, "tpu") == 0
 
 

@@ -169,6 +169,14 @@ _EIGHT = textwrap.dedent(
     b = solve(cfg, lambda x, t: seen.append(x.shape[0]) or toy_eps(x, t), OP, Y64, key, mesh=mesh)
     out["micro"] = {"x": err(a.x, b.x), "info": err(a.info, b.info), "calls": sorted(set(seen)),
                     "spec": str(b.x.sharding.spec)}
+    # DPS, 32 images, 4 a device: its forward + VJP in 2 strided chunks of 2 a device
+    cfg = DPSConfig(num_steps=5, zeta=0.02)
+    a = solve(cfg, toy_eps, OP, Y64[:32], key, micro_batch=0)
+    seen = []
+    b = solve(cfg, lambda x, t: seen.append(x.shape[0]) or toy_eps(x, t), OP, Y64[:32], key,
+              mesh=mesh)
+    out["micro_dps"] = {"x": err(a.x, b.x), "info": err(a.info, b.info),
+                        "calls": sorted(set(seen))}
 
     # solve_many over 16 measurements: own masks (per-image operator leaves) and a lam sweep
     masks = jnp.asarray(np.random.default_rng(2).uniform(size=(16, *SHAPE)) > 0.3, jnp.float32)
@@ -223,6 +231,8 @@ def test_eight_devices_equal_one():
     micro = out["micro"]  # network calls on 32 images (4 of each device's 8) at a time
     assert micro["x"] <= 1e-6 and micro["info"] <= 1e-6 and micro["calls"] == [32], micro
     assert micro["spec"] == "P('data',)"
+    micro = out["micro_dps"]  # network VJPs on 16 images (2 of each device's 4) at a time
+    assert micro["x"] <= 1e-5 and micro["info"] <= 1e-5 and micro["calls"] == [16], micro
     hlo = out["hlo"]
     assert hlo["while"] >= 1 and hlo["callback"] == 0 and hlo["partitions"] >= 1, hlo
     assert out["probe_callback"] > 0  # the check would see a host callback

@@ -24,6 +24,12 @@ whole, DPS at batch 16 2.90 against 2.75 s, and for ``solve_many`` 2.37 / 2.25 s
 two or more CPU devices only (the command line's one device per core); ``micro_batch=`` still
 chunks one device on request (a DPS solve's memory).
 
+A share too small for :data:`ROWS` still gains for DPS at :data:`VJP_ROWS` = 2 (2 CPU devices,
+sr4, 10 steps, medians of 5 interleaved with torch, 2026-12-04): batch 8 (4 a device) 0.785 /
+0.853 / 0.772 s against 0.917 / 0.909 / 0.777 s whole in three runs; batch 12 (6 a device)
+1.155 / 1.141 against 1.190 / 1.159 s. RED-Diff lost at 2 (0.366 / 0.351 s at batch 8, 0.503
+/ 0.479 s at 12), so only the differentiating algorithms take it.
+
 Layout. A batch sharded over D devices holds rows ``[d * B/D, (d+1) * B/D)`` on device d. The
 chunks are strided: with ``n = B / (rows * D)`` chunks, chunk i holds the rows ``j * n + i``
 (``j < rows * D``), ``rows`` of them on every device, so every device works on every chunk.
@@ -42,21 +48,26 @@ import jax.numpy as jnp
 from reddiff_jax import sharding as sharding_lib
 from reddiff_jax.solvers import _scan_convs
 
-__all__ = ["ROWS", "Microbatched", "auto_rows", "map_chunks"]
+__all__ = ["ROWS", "VJP_ROWS", "Microbatched", "auto_rows", "map_chunks"]
 
 ROWS = 4  # images per device per chunk on XLA CPU (measured: benchmarks/bench_vs_official.py)
+VJP_ROWS = 2  # the same for a forward + VJP when ROWS does not fit (a share of 4 or 6)
 
 
-def auto_rows(batch: int, devices: int, backend: str) -> int:
+def auto_rows(batch: int, devices: int, backend: str, backprop: bool = False) -> int:
     """Images per device per chunk for a batch of ``batch`` over ``devices``; 0: no chunking.
 
-    Chunks only on the CPU backend with two or more devices, and only when each device holds
-    at least two chunks of :data:`ROWS` images that divide its share.
+    Chunks only on the CPU backend with two or more devices: :data:`ROWS` when each device
+    holds at least two chunks of it that divide its share; else, for an algorithm that
+    differentiates the network (``backprop``), :data:`VJP_ROWS` on the same terms.
     """
     if backend != "cpu" or devices < 2 or batch % devices:
         return 0
     local = batch // devices
-    return ROWS if local >= 2 * ROWS and local % ROWS == 0 else 0
+    for rows in (ROWS, VJP_ROWS) if backprop else (ROWS,):
+        if local >= 2 * rows and local % rows == 0:
+            return rows
+    return 0
 
 
 def check_rows(rows: Any, batch: int, devices: int) -> int:

@@ -457,7 +457,8 @@ def _with_micro(statics: _Statics, micro_batch: int | None) -> _Statics:
     mesh, size, devices = statics.mesh, statics.x_shape[0], _data_devices(statics)
     if micro_batch is None:
         backend = jax.default_backend() if mesh is None else mesh.devices.flat[0].platform
-        return statics._replace(micro=_microbatch.auto_rows(size, devices, backend))
+        backprop = registry.lookup(statics.config).backprop
+        return statics._replace(micro=_microbatch.auto_rows(size, devices, backend, backprop))
     return statics._replace(micro=_microbatch.check_rows(micro_batch, size, devices))
 
 
@@ -600,8 +601,9 @@ def solve(
       micro_batch: images per device per network call: the batch's ``eps_fn`` calls run as a
         ``lax.map`` over strided chunks (it must act per image, as the ADM UNet does). None
         (default): 4 on a CPU mesh of two or more devices when every device holds 8 or more
-        images in multiples of 4 (faster there: activations stay in cache), else off (one CPU
-        device ran the whole batch faster); 0: off; an int:
+        images in multiples of 4 (faster there: activations stay in cache); for DPS and ΠGDM,
+        else 2 when every device holds 4 or more in multiples of 2; else off (one CPU device
+        ran the whole batch faster); 0: off; an int:
         that many (a divisor of each device's share of the padded batch). DPS and ΠGDM take
         each chunk's VJP inside the map, which bounds their memory to one chunk's activations.
         Results are unchanged up to float rounding.
@@ -745,12 +747,12 @@ def _many_core(statics, op_axis, dyn, ys, keys, hyper, hyper_axes, noise, ts, ss
 _many_jit = jax.jit(_many_core, static_argnums=(0, 1, 6, 10, 11))
 
 
-def _many_micro(mesh: Any, size: int, micro_batch: int | None) -> tuple:
+def _many_micro(config, mesh: Any, size: int, micro_batch: int | None) -> tuple:
     """-> () (off) or (rows, devices, mesh): the M solves chunked as in :class:`Microbatched`."""
     devices = 1 if mesh is None else sharding_lib.data_size(mesh)
     if micro_batch is None:
         backend = jax.default_backend() if mesh is None else mesh.devices.flat[0].platform
-        rows = _microbatch.auto_rows(size, devices, backend)
+        rows = _microbatch.auto_rows(size, devices, backend, registry.lookup(config).backprop)
     else:
         rows = _microbatch.check_rows(micro_batch, size, devices)
     return (rows, devices, mesh) if rows else ()
@@ -831,7 +833,7 @@ def solve_many(
         over chunks of ``micro_batch`` per device (the same result up to float rounding, less
         memory, faster on a multi-device CPU mesh); None: chosen as in :func:`solve` (4 on a
         CPU mesh of two or more devices when each holds at least 8 measurements that 4
-        divides, else off); 0: off.
+        divides, 2 for DPS and ΠGDM at 4 or 6, else off); 0: off.
 
     Returns:
       A :class:`Solution` with a leading [M] axis and no batch axis: ``x`` [M, H, W, C],
@@ -874,7 +876,7 @@ def solve_many(
     ts, ss = _grid(config)
     axes_key = tuple(sorted(axes.items()))
     real = num if ys.shape[0] != num else 0
-    micro = _many_micro(mesh, ys.shape[0], micro_batch)
+    micro = _many_micro(config, mesh, ys.shape[0], micro_batch)
     sol = _many_jit(statics, op_axis, dyn, ys, keys, values, axes_key, noise, ts, ss, real, micro)
     if throw:
         _check_solution(config, sol, "measurement")
