@@ -56,7 +56,7 @@ import bench_unet  # noqa: E402
 import common  # noqa: E402
 
 from reddiff_jax import diffusion, operators  # noqa: E402
-from reddiff_jax.solvers import DPSConfig, RedDiffConfig, _microbatch, solve  # noqa: E402
+from reddiff_jax.solvers import DPSConfig, RedDiffConfig, _microbatch, registry, solve  # noqa: E402
 
 FACTOR = 4  # sr4
 PAUSE_S = 0.3  # between timed calls: lets the other runtime's worker threads stop spinning
@@ -162,7 +162,8 @@ def jax_cases(args: argparse.Namespace) -> list[tuple[dict[str, Any], dict[str, 
         for b in _batches(args.batch):
             devices = min(b, ndev)
             y = jnp.asarray(measurements(op, b, size, ch))
-            micro = _microbatch.auto_rows(b, devices, jax.default_backend(), algo != "reddiff")
+            backprop = registry.get(algo).backprop
+            micro = _microbatch.auto_rows(b, devices, jax.default_backend(), backprop)
             row = {"algo": algo, "batch": b, "steps": args.steps,
                    "ours_devices": devices, "ours_micro": micro}  # fmt: skip
             variants = {"ours": None, "ours_whole": 0} if micro else {"ours": None}

@@ -452,14 +452,20 @@ def _exclude_padding(config: SolverConfig, hyper: dict, batch: int):
     return dataclasses.replace(config, reduction="image_mean"), scaled, True
 
 
-def _with_micro(statics: _Statics, micro_batch: int | None) -> _Statics:
-    """Sets how many images per device each network call runs at once (see _microbatch)."""
-    mesh, size, devices = statics.mesh, statics.x_shape[0], _data_devices(statics)
+def _micro_rows(config: SolverConfig, mesh: Any, size: int, micro_batch: int | None) -> int:
+    """Images (or measurements) per device per chunk for ``size`` rows over ``mesh``; 0: off.
+    None picks by backend and algorithm (``_microbatch.auto_rows``); an int is validated."""
+    devices = 1 if mesh is None else sharding_lib.data_size(mesh)
     if micro_batch is None:
         backend = jax.default_backend() if mesh is None else mesh.devices.flat[0].platform
-        backprop = registry.lookup(statics.config).backprop
-        return statics._replace(micro=_microbatch.auto_rows(size, devices, backend, backprop))
-    return statics._replace(micro=_microbatch.check_rows(micro_batch, size, devices))
+        return _microbatch.auto_rows(size, devices, backend, registry.lookup(config).backprop)
+    return _microbatch.check_rows(micro_batch, size, devices)
+
+
+def _with_micro(statics: _Statics, micro_batch: int | None) -> _Statics:
+    """Sets how many images per device each network call runs at once (see _microbatch)."""
+    rows = _micro_rows(statics.config, statics.mesh, statics.x_shape[0], micro_batch)
+    return statics._replace(micro=rows)
 
 
 def _max_abs(max_abs: float | None) -> Array:
@@ -747,17 +753,6 @@ def _many_core(statics, op_axis, dyn, ys, keys, hyper, hyper_axes, noise, ts, ss
 _many_jit = jax.jit(_many_core, static_argnums=(0, 1, 6, 10, 11))
 
 
-def _many_micro(config, mesh: Any, size: int, micro_batch: int | None) -> tuple:
-    """-> () (off) or (rows, devices, mesh): the M solves chunked as in :class:`Microbatched`."""
-    devices = 1 if mesh is None else sharding_lib.data_size(mesh)
-    if micro_batch is None:
-        backend = jax.default_backend() if mesh is None else mesh.devices.flat[0].platform
-        rows = _microbatch.auto_rows(size, devices, backend, registry.lookup(config).backprop)
-    else:
-        rows = _microbatch.check_rows(micro_batch, size, devices)
-    return (rows, devices, mesh) if rows else ()
-
-
 def _shard_many(mesh, op_axis, dyn, ys, keys, hyper, hyper_axes, noise):
     """Pads the M axis to a multiple of the data axis and places the inputs on ``mesh``: ys,
     keys, stacked operators, [M] hyper-parameters and noise sharded over it; the rest
@@ -876,7 +871,8 @@ def solve_many(
     ts, ss = _grid(config)
     axes_key = tuple(sorted(axes.items()))
     real = num if ys.shape[0] != num else 0
-    micro = _many_micro(config, mesh, ys.shape[0], micro_batch)
+    rows = _micro_rows(config, mesh, ys.shape[0], micro_batch)  # chunks as in Microbatched
+    micro = (rows, 1 if mesh is None else sharding_lib.data_size(mesh), mesh) if rows else ()
     sol = _many_jit(statics, op_axis, dyn, ys, keys, values, axes_key, noise, ts, ss, real, micro)
     if throw:
         _check_solution(config, sol, "measurement")
